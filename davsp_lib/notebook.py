@@ -52,6 +52,47 @@ def check(
     return value
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: parameters that several notebooks share, with their checks (see :func:`check_common`)
+COMMON_PARAMETERS: dict[str, tuple[type, dict[str, Any]]] = {
+    "model": (str, {}),
+    "dtype": (str, {"choices": DTYPES}),
+    "device": (str, {}),
+    "data_root": (str, {}),
+    "use_mirror": (bool, {}),
+    "vector_path": (str, {}),
+    "batch_size": (int, {"minimum": 1}),
+    "seed": (int, {"minimum": 0}),
+}
+
+
+def check_common(**values: Any) -> None:
+    """:func:`check` each shared parameter by its usual rule (``model=model, seed=seed, ...``)."""
+    for name, value in values.items():
+        if name not in COMMON_PARAMETERS:
+            raise KeyError(f"{name!r} is not a common parameter; use check() for it")
+        kind, rules = COMMON_PARAMETERS[name]
+        check(name, value, kind, **rules)
+
+
+def mirror_root(use_mirror: bool, data_root: str = "") -> Path | None:
+    """The benchmark mirror to read (``data_root``, else the default), or None when unused.
+
+    A missing mirror is not an error in a notebook: it prints why and the notebook continues
+    with the built-in dataset.
+    """
+    if not use_mirror:
+        return None
+    from davsp_lib.datasets import data_root as find_data_root
+    from davsp_lib.errors import DataError
+
+    try:
+        return find_data_root(data_root or None)
+    except DataError as error:
+        print(f"no benchmark mirror: {error}\n-> continuing with the built-in dataset only")
+        return None
+
+
 def save_figure(fig: Any, figures_dir: str | Path, name: str, *, dpi: int = 120) -> list[Path]:
     """Save a matplotlib figure as PNG and SVG (atomically); returns both paths."""
     figures_dir = Path(figures_dir)

@@ -311,6 +311,32 @@ def run_notebook(notebook: Path, run_dir: Path, parameters: Mapping[str, Any]) -
     return step
 
 
+def markdown_table(table: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Rows of ``{row: {column: value}}`` as markdown lines (columns in first-seen order)."""
+    columns = list(dict.fromkeys(c for row in table.values() for c in row))
+    if not columns:
+        return []
+
+    def cell(value: Any) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| | " + " | ".join(map(cell, columns)) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, row in table.items():
+        values = " | ".join(cell(row.get(c, "")) for c in columns)
+        lines.append(f"| {cell(name)} | {values} |")
+    return lines
+
+
+def _results_table(step: StepResult) -> list[str]:
+    """The notebook's ``results["table"]`` (``{row: {column: value}}``), if it wrote one."""
+    if step.status != "ok" or not step.results_json or not Path(step.results_json).is_file():
+        return []
+    table = json.loads(Path(step.results_json).read_text()).get("results", {}).get("table")
+    if not isinstance(table, Mapping) or not all(isinstance(r, Mapping) for r in table.values()):
+        return []
+    return markdown_table(table)
+
+
 def write_report(run_dir: Path, preset: str, steps: Sequence[StepResult]) -> Path:
     lines = [
         f"# DAVSP workbook run — preset `{preset}`",
@@ -328,8 +354,10 @@ def write_report(run_dir: Path, preset: str, steps: Sequence[StepResult]) -> Pat
         note = (step.headline or step.error or "").replace("|", "\\|")
         lines.append(f"| {step.notebook} | {step.status} | {step.seconds:.1f} | {note} |")
     for step in steps:
-        if step.figures:
+        table = _results_table(step)
+        if step.figures or table:
             lines += ["", f"## {step.notebook}", ""]
+            lines += [*table, ""] if table else []
             for figure in step.figures:
                 relative = Path(figure).relative_to(run_dir)
                 lines.append(f"![{relative.stem}]({relative.as_posix()})")

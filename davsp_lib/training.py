@@ -422,10 +422,8 @@ def train(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    prompt = init or (
-        VisualSafetyPrompt.blank(adapter.image_size, config.width)
-        if config.kind == "border"
-        else VisualSafetyPrompt.zero_noise(adapter.image_size, config.epsilon)
+    prompt = init or VisualSafetyPrompt.for_adapter(
+        adapter, config.kind, width=config.width, epsilon=config.epsilon
     )
     if prompt.kind != config.kind:
         raise ValueError(
@@ -484,11 +482,12 @@ def train(
     mask = prompt.mask(adapter.device)
     last = min(config.steps, stop_after if stop_after is not None else config.steps)
     began = time.perf_counter()
-    bar = tqdm(total=config.steps, initial=start_step, desc=config.variant, disable=not progress)
-    # one border for the whole batch: models that read it per row may read it once
-    sharing = getattr(adapter, "shared_border", contextlib.nullcontext)()
-    try:
-        sharing.__enter__()
+    with contextlib.ExitStack() as stack:
+        # one border for the whole batch: models that read it per row may read it once
+        stack.enter_context(getattr(adapter, "shared_border", contextlib.nullcontext)())
+        bar = stack.enter_context(
+            tqdm(total=config.steps, initial=start_step, desc=config.variant, disable=not progress)
+        )
         for step in range(start_step, last):
             tick = time.perf_counter()
             entry = plan[step]
@@ -561,9 +560,6 @@ def train(
             )
             if on_step is not None:
                 on_step(done, record)
-    finally:
-        sharing.__exit__(None, None, None)
-        bar.close()
     trained = VisualSafetyPrompt(
         delta.detach().cpu(), prompt.kind, prompt.width, prompt.epsilon,
         {

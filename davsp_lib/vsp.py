@@ -105,6 +105,7 @@ class VisualSafetyPrompt:
         cls, adapter: VLMAdapter, kind: Kind = "border", *, width: int | None = None,
         epsilon: float = 16 / 255,
     ) -> VisualSafetyPrompt:  # fmt: skip
+        """The untrained prompt of ``kind`` on the adapter's canvas (white border / zero noise)."""
         if kind == "border":
             return cls.blank(adapter.image_size, default_width(adapter) if width is None else width)
         return cls.zero_noise(adapter.image_size, epsilon)

@@ -44,7 +44,12 @@ def test_notebook_runs_with_smoke_preset(path, smoke_run):
     assert set(results["parameters"]) <= set(declared)  # the parameters that produced it
     assert results["headline"]
     assert step.figures, "a notebook shows something"
-    assert (run_dir / "report.md").read_text().count(path.name) >= 1
+    report = (run_dir / "report.md").read_text()
+    assert report.count(path.name) >= 1
+    table = results["results"].get("table")
+    if table:  # the notebook's table is in the report, one line per row
+        for row in table:
+            assert f"| {row} |" in report, row
 
 
 def test_training_notebook_writes_each_variant_and_resumes(smoke_run):

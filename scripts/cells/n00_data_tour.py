@@ -27,16 +27,13 @@ from pathlib import Path
 
 from davsp_lib import datasets, images, plots, render, splits
 from davsp_lib import notebook as nb
-from davsp_lib.errors import DataError
 
-nb.check("data_root", data_root, str)
-nb.check("use_mirror", use_mirror, bool)
+nb.check_common(data_root=data_root, use_mirror=use_mirror, seed=seed)
 nb.check("examples_per_source", examples_per_source, int, minimum=1, maximum=12)
 nb.check("split_sizes", split_sizes, dict)
 for split_name, size in split_sizes.items():
     nb.check(f"split_sizes[{split_name!r}]", size, int, minimum=1)
 nb.check("rerender_samples", rerender_samples, int, minimum=0)
-nb.check("seed", seed, int, minimum=0)
 output_dir, figures_dir = Path(output_dir), Path(figures_dir)
 parameters = dict(
     data_root=data_root, use_mirror=use_mirror, examples_per_source=examples_per_source,
@@ -54,12 +51,7 @@ sources = {
     "builtin-typo": datasets.load_builtin("typo"),
     "builtin-text": datasets.load_builtin("text"),
 }
-mirror_root = None
-if use_mirror:
-    try:
-        mirror_root = datasets.data_root(data_root or None)
-    except (DataError, FileNotFoundError) as error:
-        print(f"no benchmark mirror: {error}\\n-> continuing with the built-in dataset only")
+mirror_root = nb.mirror_root(use_mirror, data_root)
 if mirror_root is not None:
     sources |= {
         "figstep": datasets.load_figstep(mirror_root, on_error="skip"),

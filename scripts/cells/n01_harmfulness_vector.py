@@ -74,11 +74,10 @@ from davsp_lib import notebook as nb
 from davsp_lib.adapters import load_adapter
 from davsp_lib.errors import DataError
 
-nb.check("model", model, str)
-nb.check("dtype", dtype, str, choices=["auto", "float32", "bfloat16", "float16"])
-nb.check("device", device, str)
-nb.check("data_root", data_root, str)
-nb.check("use_mirror", use_mirror, bool)
+nb.check_common(
+    model=model, dtype=dtype, device=device, data_root=data_root, use_mirror=use_mirror,
+    batch_size=batch_size, seed=seed,
+)
 nb.check("n_vector", n_vector, int, minimum=2)
 nb.check("n_heldout", n_heldout, int, minimum=2)
 nb.check("n_gap", n_gap, int, minimum=1)
@@ -87,9 +86,7 @@ nb.check("safety_prefix", safety_prefix, bool)
 nb.check("tolerance", tolerance, float, minimum=0.0, maximum=0.5)
 nb.check("q_plus", q_plus, float, minimum=0.0, maximum=1.0)
 nb.check("q_minus", q_minus, float, minimum=0.0, maximum=1.0)
-nb.check("batch_size", batch_size, int, minimum=1)
 nb.check("interactive", interactive, bool)
-nb.check("seed", seed, int, minimum=0)
 output_dir, figures_dir = Path(output_dir), Path(figures_dir)
 parameters = dict(
     model=model, dtype=dtype, device=device, data_root=data_root, use_mirror=use_mirror,
@@ -107,12 +104,7 @@ model_id = adapter.info()["model_id"]
 print(f"{model_id}: {adapter.num_layers} layers x {adapter.hidden_size}; layers {layer_list}")
 """),
     ("code", """
-mirror_root = None
-if use_mirror:
-    try:
-        mirror_root = datasets.data_root(data_root or None)
-    except DataError as error:
-        print(f"no benchmark mirror: {error}\\n-> continuing with the built-in dataset only")
+mirror_root = nb.mirror_root(use_mirror, data_root)
 data = diagnostics.study_data(
     mirror_root, n_vector=n_vector, n_heldout=n_heldout, n_gap=n_gap, seed=seed
 )

@@ -64,22 +64,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from davsp_lib import datasets, plots, prompts, training, vectors
 from davsp_lib import notebook as nb
+from davsp_lib import plots, prompts, training, vectors
 from davsp_lib.adapters import load_adapter
-from davsp_lib.errors import DataError
 from davsp_lib.vsp import VisualSafetyPrompt, default_width
 
-nb.check("model", model, str)
-nb.check("dtype", dtype, str, choices=["auto", "float32", "bfloat16", "float16"])
-nb.check("device", device, str)
-nb.check("vector_path", vector_path, str)
+nb.check_common(
+    model=model, dtype=dtype, device=device, vector_path=vector_path, data_root=data_root,
+    use_mirror=use_mirror, batch_size=batch_size, seed=seed,
+)
 nb.check("layer", layer, int, minimum=-1)
 nb.check("margins_from_vector", margins_from_vector, bool)
 nb.check("mu_plus", mu_plus, float)
 nb.check("mu_minus", mu_minus, float)
-nb.check("data_root", data_root, str)
-nb.check("use_mirror", use_mirror, bool)
 nb.check("n_train", n_train, int, minimum=1)
 nb.check("n_heldout", n_heldout, int, minimum=1)
 nb.check("n_mmvet", n_mmvet, int, minimum=0)
@@ -89,7 +86,6 @@ for variant in variants:
     nb.check("variants[]", variant, str, choices=sorted(training.VARIANTS))
 nb.check("steps", steps, int, minimum=1)
 nb.check("ablation_steps", ablation_steps, int, minimum=1)
-nb.check("batch_size", batch_size, int, minimum=1)
 nb.check("optimizer", optimizer, str, choices=["adam", "sign"])
 nb.check("lr", lr, float, minimum=1e-8)
 nb.check("lam", lam, float, minimum=0.0)
@@ -99,7 +95,6 @@ nb.check("epsilon", epsilon, float, minimum=1e-6, maximum=1.0)
 nb.check("answer_tokens", answer_tokens, int, minimum=1)
 nb.check("checkpoint_every", checkpoint_every, int, minimum=1)
 nb.check("snapshots", snapshots, int, minimum=1, maximum=8)
-nb.check("seed", seed, int, minimum=0)
 output_dir, figures_dir = Path(output_dir), Path(figures_dir)
 device = device or ("cuda" if torch.cuda.is_available() else "")
 parameters = dict(
@@ -129,12 +124,7 @@ print(f"{model_id}: layer {layer}, margins mu+ {mu_plus:.4g} / mu- {mu_minus:.4g
       f"canvas {adapter.image_size}, border {width} px")
 """),
     ("code", """
-mirror_root = None
-if use_mirror:
-    try:
-        mirror_root = datasets.data_root(data_root or None)
-    except DataError as error:
-        print(f"no benchmark mirror: {error}\\n-> continuing with the built-in dataset only")
+mirror_root = nb.mirror_root(use_mirror, data_root)
 vector_ids = [i for ids in vector.metadata.get("data_ids", {}).values() for i in ids]
 data = training.training_records(
     mirror_root, n_train=n_train, n_heldout=n_heldout, n_mmvet=n_mmvet, seed=seed,
@@ -163,8 +153,7 @@ for variant in variants:
         checkpoint_every=checkpoint_every,
         snapshot_every=max(1, steps // snapshots) if variant == "davsp" else 0, seed=seed,
     )
-    init = (VisualSafetyPrompt.blank(adapter.image_size, width) if config.kind == "border"
-            else VisualSafetyPrompt.zero_noise(adapter.image_size, epsilon))
+    init = VisualSafetyPrompt.for_adapter(adapter, config.kind, width=width, epsilon=epsilon)
     train_set = training.prepare_training_set(
         adapter, init, data.malicious, data.benign, safety_prompt=safety,
         answers_path=output_dir / "answers.json", answer_tokens=answer_tokens,

@@ -84,12 +84,10 @@ from davsp_lib.errors import DataError
 from davsp_lib.images import record_image, to_tensor
 from davsp_lib.io import atomic_write_json, atomic_write_text
 
-nb.check("model", model, str)
-nb.check("dtype", dtype, str, choices=["auto", "float32", "bfloat16", "float16"])
-nb.check("device", device, str)
-nb.check("data_root", data_root, str)
-nb.check("use_mirror", use_mirror, bool)
-nb.check("vector_path", vector_path, str)
+nb.check_common(
+    model=model, dtype=dtype, device=device, data_root=data_root, use_mirror=use_mirror,
+    vector_path=vector_path, batch_size=batch_size, seed=seed,
+)
 nb.check("training_dir", training_dir, str)
 nb.check("defenses", defenses, str)
 defense_names = [name.strip() for name in defenses.split(",") if name.strip()]
@@ -100,12 +98,10 @@ for name in defense_names:
 for name in ("n_figstep", "n_mmsb", "n_harmful_val", "n_harmless_val", "n_mmvet"):
     nb.check(name, globals()[name], int, minimum=0)
 nb.check("mmvet_capability", mmvet_capability, str)
-nb.check("batch_size", batch_size, int, minimum=1)
 nb.check("max_new_tokens", max_new_tokens, int, minimum=1, maximum=4096)
 nb.check("judge_specs", judge_specs, str)
 nb.check("judge_template", judge_template, str, choices=list(judges.TEMPLATES))
 nb.check("n_examples", n_examples, int, minimum=0)
-nb.check("seed", seed, int, minimum=0)
 output_dir, figures_dir = Path(output_dir), Path(figures_dir)
 parameters = dict(
     model=model, dtype=dtype, device=device, data_root=data_root, use_mirror=use_mirror,
@@ -139,12 +135,7 @@ labels = {d.name: d.label for d in chosen}
 print(f"{model_id}: defenses {list(labels)}")
 """),
     ("code", """
-mirror_root = None
-if use_mirror:
-    try:
-        mirror_root = datasets.data_root(data_root or None)
-    except DataError as error:
-        print(f"no benchmark mirror: {error}\\n-> continuing with the built-in dataset only")
+mirror_root = nb.mirror_root(use_mirror, data_root)
 
 
 def sample(records, n, key=lambda r: r.category):

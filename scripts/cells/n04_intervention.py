@@ -70,18 +70,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from davsp_lib import datasets, intervention, judges, metrics, prompts, vectors
+from davsp_lib import intervention, judges, metrics, prompts, vectors
 from davsp_lib import notebook as nb
 from davsp_lib.adapters import load_adapter
-from davsp_lib.errors import DataError
 from davsp_lib.inputs import iter_batches
 
-nb.check("model", model, str)
-nb.check("dtype", dtype, str, choices=["auto", "float32", "bfloat16", "float16"])
-nb.check("device", device, str)
-nb.check("data_root", data_root, str)
-nb.check("use_mirror", use_mirror, bool)
-nb.check("vector_path", vector_path, str)
+nb.check_common(
+    model=model, dtype=dtype, device=device, data_root=data_root, use_mirror=use_mirror,
+    vector_path=vector_path, batch_size=batch_size, seed=seed,
+)
 nb.check("layer", layer, int, minimum=-1)
 nb.check("alphas", alphas, list)
 for value in alphas:
@@ -93,10 +90,8 @@ nb.check("safety_prefix", safety_prefix, bool)
 nb.check("n_malicious", n_malicious, int, minimum=1)
 nb.check("n_benign", n_benign, int, minimum=1)
 nb.check("n_text", n_text, int, minimum=0)
-nb.check("batch_size", batch_size, int, minimum=1)
 nb.check("max_new_tokens", max_new_tokens, int, minimum=1)
 nb.check("n_examples", n_examples, int, minimum=0)
-nb.check("seed", seed, int, minimum=0)
 output_dir, figures_dir = Path(output_dir), Path(figures_dir)
 ks = sorted({float(value) for value in alphas} | {0.0})  # the unsteered row is always there
 parameters = dict(
@@ -124,12 +119,7 @@ print(f"{model_id}: steering at layer {layer} of {adapter.num_layers} "
       f"(notebook 01 chose {chosen}); d_l = {d_l:.3f}; margins {margins}")
 """),
     ("code", """
-mirror_root = None
-if use_mirror:
-    try:
-        mirror_root = datasets.data_root(data_root or None)
-    except DataError as error:
-        print(f"no benchmark mirror: {error}\\n-> continuing with the built-in dataset only")
+mirror_root = nb.mirror_root(use_mirror, data_root)
 vector_ids = [i for ids in vector.metadata.get("data_ids", {}).values() for i in ids]
 data = intervention.sweep_data(
     mirror_root, n_malicious=n_malicious, n_benign=n_benign, n_text=n_text, seed=seed,
@@ -336,6 +326,11 @@ results = {
     "sizes": data.sizes(),
     "ids": data.ids(),
     "rows": rows,
+    # refused / n (mean projection) per condition, as the run report shows it
+    "table": {row["condition"]: {
+        short[name]: f"{row[name]['refused']}/{row[name]['n']} "
+                     f"({row[name]['mean_projection']:.2f})" for name in batches
+    } for row in rows},
     "seconds_per_condition": seconds,
     "resumed_conditions": resumed,
     "seconds_total": round(time.perf_counter() - started, 1),

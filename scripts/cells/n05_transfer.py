@@ -73,9 +73,9 @@ from davsp_lib.vsp import VisualSafetyPrompt
 
 for name in ("model_a", "model_b", "data_root", "training_dir", "vector_path", "variant"):
     nb.check(name, globals()[name], str)
-nb.check("dtype", dtype, str, choices=["auto", "float32", "bfloat16", "float16"])
-nb.check("device", device, str)
-nb.check("use_mirror", use_mirror, bool)
+nb.check_common(
+    dtype=dtype, device=device, use_mirror=use_mirror, batch_size=batch_size, seed=seed,
+)
 for name in ("b_canvas", "b_border_width"):
     nb.check(name, globals()[name], int, minimum=0)
 nb.check("fallback_canvas", fallback_canvas, int, minimum=64)
@@ -87,10 +87,8 @@ a_rows = [name.strip() for name in reference_rows.split(",") if name.strip()]
 for name in a_rows:
     nb.check("reference_rows", name, str, choices=["none", "davsp"])
 nb.check("refusal_list", refusal_list, str, choices=sorted(judges.REFUSAL_LISTS))
-nb.check("batch_size", batch_size, int, minimum=1)
 nb.check("max_new_tokens", max_new_tokens, int, minimum=1, maximum=4096)
 nb.check("tiny_code_path", tiny_code_path, bool)
-nb.check("seed", seed, int, minimum=0)
 output_dir, figures_dir = Path(output_dir), Path(figures_dir)
 parameters = dict(
     model_a=model_a, model_b=model_b, b_canvas=b_canvas, b_border_width=b_border_width,
@@ -121,12 +119,7 @@ print(f"{border_path}: {border.kind}, canvas {border.canvas}, width {border.widt
       f"{border.metadata.get('steps_done', '?')} steps")
 """),
     ("code", """
-mirror_root = None
-if use_mirror:
-    try:
-        mirror_root = datasets.data_root(data_root or None)
-    except DataError as error:
-        print(f"no benchmark mirror: {error}\\n-> continuing with the built-in dataset only")
+mirror_root = nb.mirror_root(use_mirror, data_root)
 used = evaluation.artifact_ids(border.metadata)
 vector, layer = None, None
 try:

@@ -78,17 +78,15 @@ from davsp_lib.errors import DataError
 
 for name in ("model", "data_root", "training_dir", "vector_path", "mmvet_capability"):
     nb.check(name, globals()[name], str)
-nb.check("dtype", dtype, str, choices=["auto", "float32", "bfloat16", "float16"])
-nb.check("device", device, str)
-nb.check("use_mirror", use_mirror, bool)
+nb.check_common(
+    dtype=dtype, device=device, use_mirror=use_mirror, batch_size=batch_size, seed=seed,
+)
 for name in ("n_figstep", "n_harmful_val", "n_harmless_val", "n_mmvet", "n_examples"):
     nb.check(name, globals()[name], int, minimum=0)
-nb.check("batch_size", batch_size, int, minimum=1)
 for name in ("max_new_tokens", "check_tokens", "caption_tokens"):
     nb.check(name, globals()[name], int, minimum=1, maximum=4096)
 nb.check("oracle", oracle, bool)
 nb.check("refusal_list", refusal_list, str, choices=sorted(judges.REFUSAL_LISTS))
-nb.check("seed", seed, int, minimum=0)
 output_dir, figures_dir = Path(output_dir), Path(figures_dir)
 parameters = dict(
     model=model, dtype=dtype, device=device, data_root=data_root, use_mirror=use_mirror,
@@ -103,12 +101,7 @@ parameters = dict(
 start_all = time.perf_counter()
 adapter = load_adapter(model, dtype=dtype, device_map=device or None)
 model_id = adapter.info()["model_id"]
-mirror_root = None
-if use_mirror:
-    try:
-        mirror_root = datasets.data_root(data_root or None)
-    except DataError as error:
-        print(f"no benchmark mirror: {error}\\n-> continuing with the built-in dataset only")
+mirror_root = nb.mirror_root(use_mirror, data_root)
 none = evaluation.make_defense("none", root=mirror_root)
 found, skipped = evaluation.load_defenses(
     ["davsp"], training_dir=training_dir or None, adapter=adapter, root=mirror_root

@@ -1,0 +1,41 @@
+"""The pipeline's pure parts (running notebooks is tested in test_notebooks.py)."""
+
+from __future__ import annotations
+
+import json
+
+from davsp_lib.pipeline import PRESETS, StepResult, markdown_table, write_report
+
+
+def test_markdown_table_columns_in_first_seen_order_and_escaped():
+    lines = markdown_table({"none": {"RSR": "0", "a|b": 1}, "DAVSP": {"RSR": "100", "extra": "x"}})
+    assert lines == [
+        "| | RSR | a\\|b | extra |",
+        "|---|---|---|---|",
+        "| none | 0 | 1 |  |",
+        "| DAVSP | 100 |  | x |",
+    ]
+    assert markdown_table({}) == []
+
+
+def test_report_shows_each_notebooks_table(tmp_path):
+    results = tmp_path / "03" / "results.json"
+    results.parent.mkdir()
+    table = {"no defense": {"RSR (n=2)": "0"}, "DAVSP": {"RSR (n=2)": "50"}}
+    results.write_text(json.dumps({"headline": "h", "results": {"table": table}}))
+    steps = [
+        StepResult("03_evaluation.ipynb", "ok", 1.0, results_json=str(results), headline="h"),
+        StepResult("04_intervention.ipynb", "skipped"),
+    ]
+    report = write_report(tmp_path, "smoke", steps).read_text()
+    assert "## 03_evaluation.ipynb" in report
+    assert "| DAVSP | 50 |" in report and "| no defense | 0 |" in report
+    assert "| 04_intervention.ipynb | skipped |" in report
+
+
+def test_presets_name_only_existing_notebooks():
+    from davsp_lib.pipeline import NOTEBOOK_DIR, discover
+
+    stems = {path.stem for path in discover(NOTEBOOK_DIR)}
+    for name, preset in PRESETS.items():
+        assert set(preset) - {"common"} <= stems, name
