@@ -39,3 +39,31 @@ def test_presets_name_only_existing_notebooks():
     stems = {path.stem for path in discover(NOTEBOOK_DIR)}
     for name, preset in PRESETS.items():
         assert set(preset) - {"common"} <= stems, name
+
+
+def test_peak_rss_script_sees_memory_of_a_child_process():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "peak_rss.py"
+    child = "import time; block = bytearray(256 * 2**20); time.sleep(1.5)"
+    # the grandchild (python under sh) holds the memory: the whole tree is summed
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--every",
+            "0.1",
+            "--",
+            "sh",
+            "-c",
+            f'"{sys.executable}" -c "{child}"; exit 3',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 3  # the command's exit status is passed on
+    peak = float(done.stderr.split("process tree ")[1].split(" GiB")[0])
+    assert peak >= 0.25, done.stderr
