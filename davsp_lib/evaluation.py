@@ -56,7 +56,8 @@ class DefenseSpec:
 
 
 #: The standard defenses. The DA-only and VSP-only ablations keep DAVSP's text prefix so that
-#: only the image part differs from DAVSP; ``davsp_prefix`` is DAVSP's text part alone.
+#: only the image part differs from DAVSP; ``davsp_prefix`` is DAVSP's text part alone and
+#: ``davsp_border`` its image part alone.
 DEFENSES: dict[str, DefenseSpec] = {
     "none": DefenseSpec("no defense"),
     "adashield_s": DefenseSpec("AdaShield-S", "adashield_static", "sandwich"),
@@ -69,6 +70,8 @@ DEFENSES: dict[str, DefenseSpec] = {
         "VSP only (border, output loss + prefix)", "davsp_safety_prefix", "prefix", "vsp_output"
     ),
     "davsp_prefix": DefenseSpec("DAVSP prefix only (text)", "davsp_safety_prefix", "prefix"),
+    # the trained border without its text prefix: what the image part does on its own
+    "davsp_border": DefenseSpec("DAVSP border only (no prefix)", variant="davsp"),
 }
 
 

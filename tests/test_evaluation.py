@@ -74,6 +74,10 @@ def test_load_defenses_skips_missing_artifacts_with_reason(tmp_path, adapter):
     davsp = defenses[1]
     assert davsp.vsp.kind == "border" and davsp.placement == "prefix"
     assert davsp.safety_prompt == prompts.text("davsp_safety_prefix")
+    (border_only,), _ = evaluation.load_defenses(
+        ["davsp_border"], training_dir=tmp_path, adapter=adapter
+    )  # the same border, no text
+    assert border_only.safety_prompt is None and torch.equal(border_only.vsp.delta, davsp.vsp.delta)
     _, nothing = evaluation.load_defenses(["davsp"], training_dir=None)
     assert "no training_dir" in nothing["davsp"]
     # a present but corrupt artifact is an error, not a skip
