@@ -34,6 +34,11 @@ def smoke_run(tmp_path_factory):
     return run_dir, {step.notebook: step for step in steps}
 
 
+# the first test that asks for ``smoke_run`` pays for the whole pipeline (00 -> 06) in its setup
+SMOKE_PIPELINE_TIMEOUT = 2400
+
+
+@pytest.mark.timeout(SMOKE_PIPELINE_TIMEOUT)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_with_smoke_preset(path, smoke_run):
     run_dir, steps = smoke_run
@@ -52,6 +57,7 @@ def test_notebook_runs_with_smoke_preset(path, smoke_run):
             assert f"| {row} |" in report, row
 
 
+@pytest.mark.timeout(SMOKE_PIPELINE_TIMEOUT)
 def test_training_notebook_writes_each_variant_and_resumes(smoke_run):
     run_dir, _ = smoke_run
     folder = run_dir / "02_vsp_training"
