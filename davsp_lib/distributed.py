@@ -29,6 +29,7 @@ come back in record order.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -101,6 +102,23 @@ class DistContext:
 
     def describe(self) -> str:
         return f"rank {self.rank}/{self.world_size}"
+
+
+def launch_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every sharded script takes: model, dtype, GPUs per process, data root."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--model", default="tiny", help="tiny/small, a LLaVA-1.5 / Qwen2-VL id or folder"
+    )
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
+    )
+    parser.add_argument("--gpus-per-process", type=int, default=1, help=">1: split each model")
+    parser.add_argument("--max-memory-per-gpu", help="e.g. 70GiB (with --gpus-per-process)")
+    parser.add_argument("--data-root", default="", help="benchmark mirror (default: the usual)")
+    parser.add_argument("--timing-json", help="write wall times here (rank 0)")
+    parser.add_argument("--progress", action="store_true")
+    return parser
 
 
 def _env_int(name: str, default: int) -> int:

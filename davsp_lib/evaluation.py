@@ -196,6 +196,30 @@ def load_defenses(
     return defenses, skipped
 
 
+@dataclass(frozen=True)
+class PooledRecords:
+    """The records of several named benchmarks in one list, and where each came from."""
+
+    records: list[Record]
+    benchmark_of: dict[str, str]  # record id -> benchmark name
+    sizes: dict[str, int]
+    n_malicious: int
+    n_benign: int
+
+
+def pool_benchmarks(benchmarks: Mapping[str, Sequence[Record]]) -> PooledRecords:
+    """All records of ``{name: records}`` in order (what notebooks 03, 05 and 06 evaluate)."""
+    records = [r for recs in benchmarks.values() for r in recs]
+    n_malicious = sum(r.is_malicious for r in records)
+    return PooledRecords(
+        records=records,
+        benchmark_of={r.id: name for name, recs in benchmarks.items() for r in recs},
+        sizes={name: len(recs) for name, recs in benchmarks.items()},
+        n_malicious=n_malicious,
+        n_benign=len(records) - n_malicious,
+    )
+
+
 # ------------------------------------------------------------------------------ batches
 
 

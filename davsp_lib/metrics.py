@@ -32,6 +32,11 @@ MMVET_SCORER = (
 )
 
 
+def percent(rate: float | None) -> str:
+    """A rate in [0, 1] as a whole-number percent for tables ("" when undefined)."""
+    return "" if rate is None else f"{100 * rate:.0f}"
+
+
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
     """Wilson score interval of a proportion ``k / n`` (None for ``n == 0``)."""
     if n == 0:

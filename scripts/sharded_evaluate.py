@@ -32,17 +32,8 @@ DATA = ("builtin-figstep", "builtin-typo", "builtin-text", "figstep", "mmsafetyb
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--model", default="tiny", help="tiny/small, a LLaVA / Qwen2-VL id or folder"
-    )
-    parser.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
-    )
-    parser.add_argument("--gpus-per-process", type=int, default=1, help=">1: split each model")
-    parser.add_argument("--max-memory-per-gpu", help="e.g. 70GiB (with --gpus-per-process)")
+    parser = distributed.launch_parser(__doc__.splitlines()[0])
     parser.add_argument("--data", choices=DATA, default="builtin-figstep")
-    parser.add_argument("--data-root", default="", help="benchmark mirror (default: the usual)")
     parser.add_argument("--limit", type=int, default=0, help="0: all records")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--defense", default="none")
@@ -53,8 +44,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", required=True, help="responses file (JSON lines)")
-    parser.add_argument("--timing-json", help="write wall times here (rank 0)")
-    parser.add_argument("--progress", action="store_true")
     return parser
 
 

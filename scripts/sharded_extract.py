@@ -33,17 +33,8 @@ from davsp_lib.records import Record
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--model", default="tiny", help="tiny/small, a LLaVA-1.5 / Qwen2-VL id or folder"
-    )
-    parser.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
-    )
-    parser.add_argument("--gpus-per-process", type=int, default=1, help=">1: split each model")
-    parser.add_argument("--max-memory-per-gpu", help="e.g. 70GiB (with --gpus-per-process)")
+    parser = distributed.launch_parser(__doc__.splitlines()[0])
     parser.add_argument("--data", choices=["study", "builtin"], default="study")
-    parser.add_argument("--data-root", default="", help="benchmark mirror (default: the usual)")
     parser.add_argument("--no-mirror", action="store_true", help="study: built-in data only")
     parser.add_argument("--n-vector", type=int, default=48, help="study: records per class")
     parser.add_argument("--n-heldout", type=int, default=32, help="study: as in notebook 01")
@@ -55,8 +46,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-safety-prefix", action="store_true")
     parser.add_argument("--out", required=True, help="vector path (.safetensors + .json)")
     parser.add_argument("--work-dir", help="per-batch files (default: <out>.shards)")
-    parser.add_argument("--timing-json", help="write wall times here (rank 0)")
-    parser.add_argument("--progress", action="store_true")
     return parser
 
 

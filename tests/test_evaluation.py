@@ -314,3 +314,15 @@ def test_training_ids_are_excluded(records):
     rendered = records[5].with_(id="t/1/figstep", meta={"rendered_from": "text-prompts/x/1"})
     kept, dropped = evaluation.exclude_used([records[0], records[1], rendered], used)
     assert kept == [records[1]] and dropped == [records[0].id, "t/1/figstep"]
+
+
+def test_pool_benchmarks_keeps_order_and_origin(records):
+    pooled = evaluation.pool_benchmarks({"a": records[:3], "b": records[3:5], "empty": []})
+    assert [r.id for r in pooled.records] == [r.id for r in records[:5]]
+    assert pooled.benchmark_of[records[4].id] == "b" and pooled.sizes == {
+        "a": 3,
+        "b": 2,
+        "empty": 0,
+    }
+    assert pooled.n_malicious == sum(r.is_malicious for r in records[:5])
+    assert pooled.n_malicious + pooled.n_benign == 5

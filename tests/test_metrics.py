@@ -162,3 +162,8 @@ def test_summarize_defense():
     bare = metrics.summarize_defense([row(1, "malicious")], [True], [False])
     assert bare["mmvet_local"] is None and bare["projections"] is None
     assert bare["agreement_with_none"] is None
+
+
+def test_percent_for_tables():
+    assert metrics.percent(None) == ""
+    assert metrics.percent(0.925) == "92" and metrics.percent(1.0) == "100"

@@ -174,11 +174,9 @@ for name in list(benchmarks):
         print(f"note: {len(dropped)} {name} records dropped (training data of an artifact)")
     if not benchmarks[name]:
         del benchmarks[name]
-records = [r for recs in benchmarks.values() for r in recs]
-benchmark_of = {r.id: name for name, recs in benchmarks.items() for r in recs}
-sizes = {name: len(recs) for name, recs in benchmarks.items()}
-n_mal = sum(r.is_malicious for r in records)
-n_ben = len(records) - n_mal
+pooled = evaluation.pool_benchmarks(benchmarks)
+records, benchmark_of, sizes = pooled.records, pooled.benchmark_of, pooled.sizes
+n_mal, n_ben = pooled.n_malicious, pooled.n_benign
 if n_mal == 0 or n_ben == 0:
     raise nb.ParameterError("need malicious and benign records; raise the n_* parameters")
 print(sizes, f"-> {n_mal} malicious + {n_ben} benign")
@@ -273,9 +271,7 @@ for name, rows in responses.items():
     )
     summary[name]["generation_seconds"] = seconds[name]
 
-
-def pct(x):
-    return "" if x is None else f"{100 * x:.0f}"
+pct = metrics.percent
 
 
 malicious_names = [b for b, recs in benchmarks.items() if recs[0].is_malicious]

@@ -135,11 +135,9 @@ benchmarks, data_notes = transfer.evaluation_sets(
 )
 for note in data_notes:
     print("note:", note)
-records = [r for recs in benchmarks.values() for r in recs]
-benchmark_of = {r.id: name for name, recs in benchmarks.items() for r in recs}
-sizes = {name: len(recs) for name, recs in benchmarks.items()}
-n_mal = sum(r.is_malicious for r in records)
-n_ben = len(records) - n_mal
+pooled = evaluation.pool_benchmarks(benchmarks)
+records, benchmark_of, sizes = pooled.records, pooled.benchmark_of, pooled.sizes
+n_mal, n_ben = pooled.n_malicious, pooled.n_benign
 if n_mal == 0 or n_ben == 0:
     raise nb.ParameterError("need malicious and benign records; raise the n_* parameters")
 print(sizes, f"-> {n_mal} malicious + {n_ben} benign")
@@ -280,9 +278,7 @@ for key, rows in responses.items():
     )
     summary[key]["generation_seconds"] = seconds[key]
 
-
-def pct(x):
-    return "" if x is None else f"{100 * x:.0f}"
+pct = metrics.percent
 
 
 ALL_M, ALL_B = metrics.ALL_MALICIOUS, metrics.ALL_BENIGN
