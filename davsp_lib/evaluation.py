@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from davsp_lib import prompts
 from davsp_lib.adapters.base import VLMAdapter
-from davsp_lib.adapters.hooks import check_layers
+from davsp_lib.adapters.hooks import check_layers, first_input, hidden_of
 from davsp_lib.conversation import Conversation, Placement
 from davsp_lib.errors import DataError
 from davsp_lib.inputs import Placer, iter_batches
@@ -283,12 +283,12 @@ def capture_prompt_state(adapter: VLMAdapter, layer: int) -> Iterator[dict[str, 
 
     if layer == 0:
         handle = blocks[0].register_forward_pre_hook(
-            lambda _m, args, kwargs: keep(args[0] if args else kwargs["hidden_states"]),
+            lambda module, args, kwargs: keep(first_input(module, args, kwargs)),
             with_kwargs=True,
         )
     else:
         handle = blocks[layer - 1].register_forward_hook(
-            lambda _m, _a, output: keep(output[0] if isinstance(output, tuple) else output)
+            lambda _m, _a, output: keep(hidden_of(output))
         )
     try:
         yield store

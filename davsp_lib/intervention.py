@@ -13,7 +13,8 @@ or a hand-written decoding loop.
 
 Positions during generation. Each forward through the blocks handles a *chunk* of columns
 ``[offset, offset + length)`` of the (left-padded) sequence, where ``offset`` is the number of
-tokens already in the key/value cache (read from the ``past_key_values`` the first block gets):
+tokens already in the key/value cache handed to the language model's forward (found by its
+type, :class:`transformers.Cache`, and read with the public ``get_seq_length()``; no cache: 0):
 the prompt pass has ``offset = 0``; a cached decoding step has ``length = 1``; an uncached
 recomputation has ``offset = 0`` and the whole sequence.
 
@@ -45,7 +46,7 @@ import torch
 from tqdm import tqdm
 
 from davsp_lib.adapters.base import VLMAdapter
-from davsp_lib.adapters.hooks import _hidden_of
+from davsp_lib.adapters.hooks import cache_length, hidden_of
 from davsp_lib.datasets import as_image_attack, load_builtin, load_text_prompts
 from davsp_lib.errors import DataError
 from davsp_lib.inputs import Batch
@@ -56,9 +57,6 @@ from davsp_lib.vectors import HarmfulnessVector
 
 Positions = Literal["all", "last"]
 POSITIONS = ("all", "last")
-#: names under which decoder blocks receive the key/value cache (transformers 4.x / 5.x)
-CACHE_KWARGS = ("past_key_values", "past_key_value")
-
 Edit = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -76,22 +74,11 @@ class Intervention:
     prompt_length: int | None = None
     fixed_prompt_length: bool = False
     chunks: list[tuple[int, int, int]] = field(default_factory=list)
-    _offset: int | None = None
+    offset: int = 0  #: cache length at the start of the current forward
 
     @property
     def edited_columns(self) -> int:
         return sum(edited for _, _, edited in self.chunks)
-
-
-def _cache_length(kwargs: dict) -> int | None:
-    """Tokens already in the cache given to a block (0 without a cache; None: unknown)."""
-    for name in CACHE_KWARGS:
-        if name in kwargs:
-            cache = kwargs[name]
-            if cache is None:
-                return 0
-            return int(cache.get_seq_length())
-    return None
 
 
 def _check_target(adapter: VLMAdapter, layer: int, positions: str) -> int:
@@ -141,21 +128,16 @@ def _intervene(
     blocks = adapter.language_layers
 
     def read_offset(module, args, kwargs):
-        # before block 0 runs, the cache holds only earlier chunks: its length is our offset
-        state._offset = _cache_length(kwargs)
+        # as the language model starts, its cache holds only earlier chunks: their length
+        state.offset = cache_length(args, kwargs)
 
     def edit_output(module, args, output):
-        hidden = _hidden_of(output)
+        hidden = hidden_of(output)
         length = hidden.shape[1]
-        offset = state._offset
+        offset = state.offset
         if positions == "all":
             new, edited = edit(hidden), length
         else:
-            if offset is None:
-                raise RuntimeError(
-                    f"{adapter.model_id}: the first language block got no past_key_values "
-                    "argument, so the prompt's last token cannot be located; use positions='all'"
-                )
             if offset == 0 and not state.fixed_prompt_length:
                 state.prompt_length = length
             if state.prompt_length is None:
@@ -170,13 +152,13 @@ def _intervene(
                 edited = 1
             else:
                 new, edited = hidden, 0
-        state.chunks.append((-1 if offset is None else offset, length, edited))
+        state.chunks.append((offset, length, edited))
         if isinstance(output, tuple):
             return (new, *output[1:])
         return new
 
     handles = [
-        blocks[0].register_forward_pre_hook(read_offset, with_kwargs=True),
+        adapter.language_model.register_forward_pre_hook(read_offset, with_kwargs=True),
         blocks[layer - 1].register_forward_hook(edit_output),
     ]
     try:
@@ -361,7 +343,7 @@ def _prompt_state(adapter: VLMAdapter, layer: int, store: list[torch.Tensor]):
     def keep(module, args, output):
         if not seen:
             seen.append(True)
-            store.append(_hidden_of(output)[:, -1].detach().to("cpu", torch.float64))
+            store.append(hidden_of(output)[:, -1].detach().to("cpu", torch.float64))
 
     handle = adapter.language_layers[layer - 1].register_forward_hook(keep)
     try:

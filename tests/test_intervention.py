@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 
@@ -9,9 +10,10 @@ import pytest
 import torch
 from conftest import embedded_tiny_or_skip
 from torch import nn
+from transformers import DynamicCache
 
 from davsp_lib import datasets
-from davsp_lib.adapters.hooks import _hidden_of
+from davsp_lib.adapters.hooks import hidden_of
 from davsp_lib.adapters.tiny import build_tiny_llava
 from davsp_lib.conversation import Conversation
 from davsp_lib.errors import DataError
@@ -48,7 +50,7 @@ def record_outputs(blocks: nn.ModuleList):
     store: dict[int, torch.Tensor] = {}
     handles = [
         block.register_forward_hook(
-            lambda m, a, out, layer=index + 1: store.__setitem__(layer, _hidden_of(out).clone())
+            lambda m, a, out, layer=index + 1: store.__setitem__(layer, hidden_of(out).clone())
         )
         for index, block in enumerate(blocks)
     ]
@@ -71,7 +73,10 @@ def forward_outputs(adapter, images, convs, context=None):
 
 
 def no_hooks_left(adapter) -> bool:
-    return all(not b._forward_hooks and not b._forward_pre_hooks for b in adapter.language_layers)
+    blocks = adapter.language_layers
+    return not adapter.language_model._forward_pre_hooks and all(
+        not b._forward_hooks and not b._forward_pre_hooks for b in blocks
+    )
 
 
 # ------------------------------------------------------------------------------ exact edits
@@ -272,14 +277,21 @@ def test_alpha_zero_generation_is_identical(llava, batch, positions):
 
 def test_entering_mid_generation_with_last_needs_the_prompt_length(llava, batch):
     inputs = dict(llava.encode(*batch).model_inputs)
+    # the cache's keyword is read from the model's public signature: it was renamed in 5.24
+    keyword = (
+        "cache"
+        if "cache" in inspect.signature(llava.model.forward).parameters
+        else ("past_key_values")
+    )
+    cache = DynamicCache(config=llava.model.config.get_text_config())
     with torch.no_grad():
-        first = llava.model(**inputs, use_cache=True)
+        first = llava.model(**inputs, use_cache=True, **{keyword: cache})
         step = {
             "input_ids": first.logits[:, -1].argmax(-1)[:, None],
             "attention_mask": torch.cat(
                 [inputs["attention_mask"], torch.ones_like(inputs["attention_mask"][:, :1])], 1
             ),
-            "past_key_values": first.past_key_values,
+            keyword: cache,
         }
         v = torch.ones(llava.hidden_size)
         with (
@@ -329,20 +341,34 @@ class AddOne(nn.Module):
         return (hidden + 1, "extra")  # transformers 4.x decoder layers return tuples
 
 
-def test_tuple_outputs_and_blocks_without_a_cache_argument():
-    blocks = nn.ModuleList([AddOne() for _ in range(3)])
-    toy = SimpleNamespace(language_layers=blocks, num_layers=3, hidden_size=2, model_id="toy")
+class ToyLanguageModel(nn.Module):
+    """Blocks behind a forward that takes no cache at all."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([AddOne() for _ in range(3)])
+
+    def forward(self, hidden):
+        for block in self.layers:
+            hidden = block(hidden)[0]
+        return hidden
+
+
+def test_tuple_outputs_and_language_models_without_a_cache():
+    lm = ToyLanguageModel()
+    toy = SimpleNamespace(
+        language_model=lm, language_layers=lm.layers, num_layers=3, hidden_size=2, model_id="toy"
+    )
     x = torch.zeros(1, 3, 2)
     with steer(toy, torch.tensor([1.0, -2.0]), 2, 2.0, "all") as state:
-        out = blocks[2](blocks[1](blocks[0](x)[0])[0])
-    assert out[1] == "extra" and torch.equal(out[0], torch.tensor([[[5.0, -1.0]] * 3]))
-    assert state.chunks == [(-1, 3, 3)]  # offset unknown: fine for "all"
-    with (
-        pytest.raises(RuntimeError, match="no past_key_values argument"),
-        steer(toy, torch.ones(2), 1, 1.0, "last"),
-    ):
-        blocks[0](x)
-    assert all(not b._forward_hooks and not b._forward_pre_hooks for b in blocks)
+        out = lm(x)
+    assert torch.equal(out, torch.tensor([[[5.0, -1.0]] * 3]))
+    assert state.chunks == [(0, 3, 3)]  # no cache handed in: the chunk starts at column 0
+    with steer(toy, torch.tensor([1.0, -2.0]), 2, 2.0, "last") as state:
+        out = lm(x)
+    assert torch.equal(out, torch.tensor([[[3.0, 3.0], [3.0, 3.0], [5.0, -1.0]]]))
+    assert state.chunks == [(0, 3, 1)] and state.prompt_length == 3
+    assert not lm._forward_pre_hooks and all(not b._forward_hooks for b in lm.layers)
 
 
 # ------------------------------------------------------------------------------ helpers

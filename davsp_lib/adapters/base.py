@@ -81,7 +81,8 @@ class VLMAdapter(ABC):
     """A vision-language model behind one interface.
 
     Subclasses declare ``architecture`` and ``sites`` (canonical site -> candidate module paths:
-    ``language_layers``, ``vision_tower``, ``projector``, ``lm_head``) and implement
+    ``language_model`` (the decoder stack: embeddings in, final norm out), ``language_layers``
+    (its blocks), ``vision_tower``, ``projector``, ``lm_head``) and implement
     :meth:`encode` and :meth:`normalize`. Everything else here is shared.
     """
 
@@ -109,6 +110,11 @@ class VLMAdapter(ABC):
         if not isinstance(layers, nn.ModuleList):
             raise UnsupportedModelError(f"{self.architecture}: language_layers is not a ModuleList")
         return layers
+
+    @functools.cached_property
+    def language_model(self) -> nn.Module:
+        """The decoder stack whose forward receives the key/value cache and runs the blocks."""
+        return self.module("language_model")
 
     @property
     def num_layers(self) -> int:

@@ -8,19 +8,47 @@ entry with its final-norm output, whereas here layer ``num_layers`` is the raw r
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import inspect
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
+from transformers import Cache
 
 
 class StopForward(Exception):
     """Raised by a hook after the deepest requested layer, to skip the rest of the forward."""
 
 
-def _hidden_of(output: object) -> torch.Tensor:
+def hidden_of(output: object) -> torch.Tensor:
+    """The hidden state in a block's output (a tensor, or a tuple whose first item it is)."""
     return output[0] if isinstance(output, tuple) else output  # type: ignore[index,return-value]
+
+
+def first_input(module: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> torch.Tensor:
+    """The value of the first parameter of ``module.forward`` in a pre-hook's call.
+
+    A decoder block's first parameter is its input hidden state; binding the call to the
+    block's own signature finds it whether the caller passed it by position or by name.
+    """
+    bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
+    first = next(iter(inspect.signature(module.forward).parameters))
+    return bound.arguments[first]
+
+
+def cache_length(args: tuple, kwargs: Mapping[str, Any]) -> int:
+    """Tokens already in the key/value cache handed to a language model's forward.
+
+    Looks for a :class:`transformers.Cache` among the call's inputs by type, not by keyword
+    (the keyword has changed across transformers releases: ``past_key_values``, ``cache``):
+    no cache means the chunk starts at column 0.
+    """
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Cache):
+            return int(value.get_seq_length())
+    return 0
 
 
 def check_layers(layers: Sequence[int], num_layers: int) -> list[int]:
@@ -67,15 +95,14 @@ def capture_hidden(
         if layer == 0:
 
             def pre_hook(module, args, kwargs, layer=layer):
-                hidden = args[0] if args else kwargs["hidden_states"]
-                store[layer] = pick(hidden)
+                store[layer] = pick(first_input(module, args, kwargs))
                 after_read(layer)
 
             handles.append(blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
         else:
 
             def hook(module, args, output, layer=layer):
-                store[layer] = pick(_hidden_of(output))
+                store[layer] = pick(hidden_of(output))
                 after_read(layer)
 
             handles.append(blocks[layer - 1].register_forward_hook(hook))

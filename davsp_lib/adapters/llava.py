@@ -13,6 +13,7 @@ from davsp_lib.adapters.hf import HFVisionLanguageAdapter
 class LlavaAdapter(HFVisionLanguageAdapter):
     architecture = "llava"
     sites: ClassVar[Mapping[str, Sequence[str]]] = {
+        "language_model": ("model.language_model", "language_model.model"),
         "language_layers": ("model.language_model.layers", "language_model.model.layers"),
         "vision_tower": ("model.vision_tower", "vision_tower"),
         "projector": ("model.multi_modal_projector", "multi_modal_projector"),

@@ -55,6 +55,7 @@ def patchify(
 class Qwen2VLAdapter(HFVisionLanguageAdapter):
     architecture = "qwen2_vl"
     sites: ClassVar[Mapping[str, Sequence[str]]] = {
+        "language_model": ("model.language_model", "model"),
         "language_layers": ("model.language_model.layers", "model.layers"),
         "vision_tower": ("model.visual", "visual"),
         "projector": ("model.visual.merger", "visual.merger"),

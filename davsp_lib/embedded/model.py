@@ -81,6 +81,7 @@ class EmbeddedAdapter(VLMAdapter):
 
     architecture = "davsp-embedded"
     sites: ClassVar = {
+        "language_model": ("lm.model",),
         "language_layers": ("lm.model.layers",),
         "vision_tower": ("reader_model",),
         "projector": ("lm.model.embed_tokens",),  # the border path maps into token embeddings
