@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -15,6 +16,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--preset", default="embedded", help="embedded (default), smoke or paper")
     run.add_argument("--out", help="run folder (default: runs/<timestamp>)")
     run.add_argument("--only", nargs="*", help="notebook prefixes to run, e.g. 00 01")
+    run.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="override a parameter in every notebook that declares it (papermill-style; VALUE "
+        "is read as int, float, true/false/none or a [list], else a string); repeatable",
+    )
+    run.add_argument(
+        "--model",
+        help="shorthand for -p model M -p model_a M (tiny, small, a LLaVA / Qwen2-VL id or folder)",
+    )
 
     ask = commands.add_parser("ask", help="answer a query about an image")
     ask.add_argument("--image", required=True, help="image file")
@@ -103,15 +118,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"run": _run, "data": _data, "ask": _ask, "read": _read}
     try:
         return commands[args.command](args)
-    except (DataError, UnsupportedModelError, FileNotFoundError) as error:
+    except (DataError, UnsupportedModelError, FileNotFoundError, ValueError) as error:
         print(f"davsp {args.command}: error: {error}", file=sys.stderr)
         return 2
+
+
+def parse_value(text: str) -> Any:
+    """A ``-p`` value as papermill's CLI reads one, plus YAML lists and mappings."""
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    words = {"true": True, "false": False, "none": None, "null": None}
+    if text.strip().lower() in words:
+        return words[text.strip().lower()]
+    if text.strip().startswith(("[", "{")):
+        import yaml
+
+        return yaml.safe_load(text)
+    return text
+
+
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
+    values = {name: parse_value(value) for name, value in args.parameter}
+    if args.model:
+        values.update(model=args.model, model_a=args.model)
+    return values
 
 
 def _run(args: argparse.Namespace) -> int:
     from davsp_lib.pipeline import main_run
 
-    return main_run(args.out, args.preset, args.only)
+    return main_run(args.out, args.preset, args.only, overrides(args))
 
 
 if __name__ == "__main__":

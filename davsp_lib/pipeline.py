@@ -248,6 +248,7 @@ class StepResult:
     headline: str | None = None
     error: str | None = None
     figures: list[str] = field(default_factory=list)
+    parameters: dict[str, Any] = field(default_factory=dict)
 
 
 class PipelineError(RuntimeError):
@@ -281,13 +282,31 @@ def parameters_for(
     return {name: value for name, value in values.items() if name in declared}
 
 
+def check_overrides(extra: Mapping[str, Any], notebooks: Sequence[Path]) -> None:
+    """Refuse an override that none of the notebooks to run declares (a typo, most often)."""
+    import papermill
+
+    declared = {name for nb in notebooks for name in papermill.inspect_notebook(str(nb))}
+    unknown = sorted(set(extra) - declared)
+    if unknown:
+        names = ", ".join(nb.stem for nb in notebooks)
+        raise ValueError(
+            f"parameter(s) {unknown} are declared by none of the notebooks to run ({names})"
+        )
+
+
 def run_notebook(notebook: Path, run_dir: Path, parameters: Mapping[str, Any]) -> StepResult:
     import papermill
 
     output = run_dir / "notebooks" / notebook.name
     output.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    step = StepResult(notebook=notebook.name, status="ok", output_notebook=str(output))
+    step = StepResult(
+        notebook=notebook.name,
+        status="ok",
+        output_notebook=str(output),
+        parameters=json.loads(json.dumps(dict(parameters), default=str)),
+    )
     try:
         papermill.execute_notebook(
             str(notebook),
@@ -383,13 +402,15 @@ def run_pipeline(
         notebooks = [nb for nb in notebooks if any(nb.stem.startswith(key) for key in only)]
         if not notebooks:
             raise ValueError(f"--only {list(only)} matches no notebook in {notebook_dir}")
+    extra = dict(extra or {})
+    check_overrides(extra, notebooks)
     steps: list[StepResult] = []
     failed: StepResult | None = None
     for notebook in notebooks:
         if failed is not None:
             steps.append(StepResult(notebook=notebook.name, status="skipped"))
             continue
-        parameters = parameters_for(notebook, PRESETS[preset], run_dir, extra or {})
+        parameters = parameters_for(notebook, PRESETS[preset], run_dir, extra)
         log(f"[run] {notebook.name} ...")
         step = run_notebook(notebook, run_dir, parameters)
         steps.append(step)
@@ -399,7 +420,12 @@ def run_pipeline(
         )
         if step.status == "failed":
             failed = step
-    manifest = {"preset": preset, "run_dir": str(run_dir), "steps": [asdict(s) for s in steps]}
+    manifest = {
+        "preset": preset,
+        "overrides": json.loads(json.dumps(extra, default=str)),
+        "run_dir": str(run_dir),
+        "steps": [asdict(s) for s in steps],
+    }
     atomic_write_json(run_dir / "run.json", manifest)
     report = write_report(run_dir, preset, steps)
     log(f"[run] report: {report}")
@@ -419,11 +445,18 @@ def default_run_dir() -> Path:
     return PROJECT_ROOT / "runs" / stamp
 
 
-def main_run(out: str | None, preset: str, only: Sequence[str] | None) -> int:
+def main_run(
+    out: str | None,
+    preset: str,
+    only: Sequence[str] | None,
+    overrides: Mapping[str, Any] | None = None,
+) -> int:
     run_dir = Path(out) if out else default_run_dir()
     print(f"[run] preset {preset!r} -> {run_dir}")
+    if overrides:
+        print(f"[run] overrides: {dict(overrides)}")
     try:
-        run_pipeline(run_dir, preset=preset, only=only)
+        run_pipeline(run_dir, preset=preset, only=only, extra=overrides)
     except PipelineError as exc:
         print(f"[run] FAILED: {exc}", file=sys.stderr)
         return 1

@@ -61,3 +61,50 @@ def test_missing_image_is_a_clear_error(tmp_path, capsys):
     code = main(["read", "--model", str(tmp_path / "llava"), "--image", str(tmp_path / "nope.png")])
     assert code == 2
     assert "nope.png: image file not found" in capsys.readouterr().err
+
+
+def test_run_parameters_are_parsed_like_papermills_and_model_is_a_shorthand():
+    from davsp_lib.cli import _parser, overrides
+
+    args = _parser().parse_args(
+        [
+            "run",
+            "--preset",
+            "smoke",
+            "-p",
+            "max_new_tokens",
+            "8",
+            "-p",
+            "lr",
+            "1e-3",
+            "-p",
+            "interactive",
+            "false",
+            "-p",
+            "alphas",
+            "[0, 1.5]",
+            "-p",
+            "device",
+            "cuda",
+            "-p",
+            "mmvet_capability",
+            "",
+            "--model",
+            "small",
+        ]
+    )
+    assert overrides(args) == {
+        "max_new_tokens": 8,
+        "lr": 0.001,
+        "interactive": False,
+        "alphas": [0, 1.5],
+        "device": "cuda",
+        "mmvet_capability": "",
+        "model": "small",
+        "model_a": "small",
+    }
+
+
+def test_run_refuses_an_unknown_parameter(tmp_path, capsys):
+    assert main(["run", "--out", str(tmp_path / "r"), "-p", "no_such_parameter", "1"]) == 2
+    assert "no_such_parameter" in capsys.readouterr().err

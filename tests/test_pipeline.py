@@ -67,3 +67,66 @@ def test_peak_rss_script_sees_memory_of_a_child_process():
     assert done.returncode == 3  # the command's exit status is passed on
     peak = float(done.stderr.split("process tree ")[1].split(" GiB")[0])
     assert peak >= 0.25, done.stderr
+
+
+def write_notebook(path, parameters: str, body: str) -> None:
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    cell = new_code_cell(parameters)
+    cell.metadata["tags"] = ["parameters"]
+    nb = new_notebook(cells=[cell, new_code_cell(body)])
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    nbformat.write(nb, path)
+
+
+def test_overrides_reach_every_notebook_that_declares_them_and_run_json(tmp_path):
+    from davsp_lib.pipeline import run_pipeline
+
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    save = (
+        "import json, pathlib\n"
+        "pathlib.Path(output_dir).mkdir(parents=True, exist_ok=True)\n"
+        "pathlib.Path(output_dir, 'results.json').write_text(json.dumps({'seen': {k: v for k, v "
+        "in dict(globals()).items() if k in ('max_new_tokens', 'model', 'seed')}}))"
+    )
+    write_notebook(
+        notebooks / "01_a.ipynb", "output_dir = ''\nmax_new_tokens = 4\nmodel = 'x'", save
+    )
+    write_notebook(notebooks / "02_b.ipynb", "output_dir = ''\nseed = 1", save)
+    run_dir = tmp_path / "run"
+    extra = {"max_new_tokens": 8, "model": "tiny"}
+    run_pipeline(run_dir, preset="smoke", extra=extra, notebook_dir=notebooks, log=lambda _: None)
+
+    seen = [
+        json.loads((run_dir / s / "results.json").read_text())["seen"] for s in ("01_a", "02_b")
+    ]
+    assert seen == [{"max_new_tokens": 8, "model": "tiny"}, {"seed": 0}]
+    manifest = json.loads((run_dir / "run.json").read_text())
+    assert manifest["overrides"] == {"max_new_tokens": 8, "model": "tiny"}
+    assert manifest["steps"][0]["parameters"]["max_new_tokens"] == 8
+    assert "max_new_tokens" not in manifest["steps"][1]["parameters"]
+
+
+def test_an_override_no_notebook_declares_is_refused(tmp_path):
+    import pytest
+
+    from davsp_lib.pipeline import run_pipeline
+
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    write_notebook(notebooks / "01_a.ipynb", "seed = 1", "pass")
+    with pytest.raises(ValueError, match=r"\['max_new_tokenz'\] are declared by none.*01_a"):
+        run_pipeline(
+            tmp_path / "run",
+            preset="smoke",
+            extra={"max_new_tokenz": 8},
+            notebook_dir=notebooks,
+            log=lambda _: None,
+        )
+    assert not (tmp_path / "run" / "run.json").exists()
