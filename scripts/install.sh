@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Install the workbook into ./.venv. Usage: bash scripts/install.sh [EXTRAS]   (default: tiny)
 #   EXTRAS is a pip extras list, e.g. "tiny", "dev" or "tiny,dev".
-# Idempotent: re-running only installs what is missing. torch stays pinned to 2.13.0 in every pip
-# command (an unpinned torch drags in gigabytes of CUDA wheels on a CPU machine).
+# Idempotent: re-running only installs what is missing. Every version comes from
+# requirements/lock.txt (a constraints file made by scripts/lock.sh for CPython 3.11), so a
+# fresh machine installs exactly what the test suite passed with. torch stays pinned to the CPU
+# wheel in every pip command (an unpinned torch drags in gigabytes of CUDA wheels); on a GPU
+# machine install your CUDA torch first and set TORCH_SPEC=torch (the lock's torch pin is then
+# left out). DAVSP_UNLOCKED=1 skips the lock (scripts/upgrade_check.sh uses it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS="${1:-tiny}"
@@ -24,12 +28,29 @@ if [ ${#need_fonts[@]} -gt 0 ]; then
   fi
 fi
 
-if [ ! -x .venv/bin/python ]; then
-  echo "[install] creating .venv with $($PYTHON --version)"
-  "$PYTHON" -m venv .venv
+VENV="${VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[install] creating $VENV with $($PYTHON --version)"
+  "$PYTHON" -m venv "$VENV"
+fi
+
+constraints=()
+if [ -z "${DAVSP_UNLOCKED:-}" ]; then
+  version="$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+  if [ "$version" != "3.11" ]; then
+    echo "[install] error: requirements/lock.txt was resolved for Python 3.11, $VENV has $version;" \
+      "run with PYTHON=python3.11 (delete $VENV first), or DAVSP_UNLOCKED=1 for unlocked ranges" >&2
+    exit 2
+  fi
+  lock=requirements/lock.txt
+  if [ "$TORCH_SPEC" != "torch==2.13.0" ]; then  # your own torch: keep the rest of the lock
+    lock="$VENV/lock-without-torch.txt"
+    grep -v '^torch==' requirements/lock.txt >"$lock"
+  fi
+  constraints=(--constraint "$lock")
 fi
 # pip keeps its own exit status; the filter only drops a warning some pip configs print per package.
-pip_install() { .venv/bin/python -m pip install --quiet "$@" 2> >(grep -v "is ignored" >&2); }
-echo "[install] pip install -e .[$EXTRAS] ($TORCH_SPEC)"
-pip_install "$TORCH_SPEC" -e ".[$EXTRAS]"
-.venv/bin/python -c "import davsp_lib, torch, transformers, papermill; print('[install] ok: torch', torch.__version__, '| transformers', transformers.__version__)"
+pip_install() { "$VENV/bin/python" -m pip install --quiet "$@" 2> >(grep -v "is ignored" >&2); }
+echo "[install] pip install -e .[$EXTRAS] ($TORCH_SPEC${constraints:+, locked})"
+pip_install "${constraints[@]}" "$TORCH_SPEC" -e ".[$EXTRAS]"
+"$VENV/bin/python" -c "import davsp_lib, torch, transformers, papermill; print('[install] ok: torch', torch.__version__, '| transformers', transformers.__version__)"
