@@ -32,7 +32,7 @@ for line in sys.stdin:
         changed += 1
 print(f"  ({changed} changed)")
 '
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MPLBACKEND=Agg
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MPLBACKEND=Agg DAVSP_UNLOCKED=1  # drift is expected here
 echo "[upgrade] ruff check"
 "$SCRATCH/bin/ruff" check .
 echo "[upgrade] pytest"
