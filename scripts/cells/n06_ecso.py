@@ -232,8 +232,9 @@ malicious_names = [b for b, recs in benchmarks.items() if recs[0].is_malicious]
 table = {}
 for name, s in summary.items():
     res, ben = s["resistance"], s["benign_refusals"]
-    line = {f"RSR {ALL_M} (n={res[ALL_M]['n']})": pct(res[ALL_M]["rsr"])}
-    line |= {f"RSR {b} (n={res[b]['n']})": pct(res[b]["rsr"]) for b in malicious_names}
+    line = {f"RSR [{judge.name}] {ALL_M} (n={res[ALL_M]['n']})": pct(res[ALL_M]["rsr"])}
+    line |= {f"RSR [{judge.name}] {b} (n={res[b]['n']})": pct(res[b]["rsr"])
+             for b in malicious_names}
     line[f"benign refusal (n={ben[ALL_B]['n']})"] = pct(ben[ALL_B]["rate"])
     if s["mmvet_local"] and s["mmvet_local"]["n"]:
         line[f"MM-Vet local score (n={s['mmvet_local']['n']})"] = pct(s["mmvet_local"]["score"])
@@ -248,7 +249,7 @@ frame
     ("code", """
 names = list(summary)
 fig, ax = plt.subplots(figsize=(9, 4))
-for j, title in enumerate(["RSR (malicious)", "benign refusal"]):
+for j, title in enumerate([f"RSR (malicious) [{judge.name}]", "benign refusal"]):
     entries = [summary[n]["resistance"][ALL_M] if j == 0 else summary[n]["benign_refusals"][ALL_B]
                for n in names]
     key = "rsr" if j == 0 else "rate"
