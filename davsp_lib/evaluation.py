@@ -70,6 +70,13 @@ DEFENSES: dict[str, DefenseSpec] = {
         "suffix",
         "uniguard",
     ),
+    # UniGuard as published (davsp_lib.uniguard: harmful-corpus likelihood, random start)
+    "uniguard_published": DefenseSpec(
+        "UniGuard (corpus-trained noise + suffix)",
+        "uniguard_text_suffix",
+        "suffix",
+        "uniguard_published",
+    ),
     "davsp": DefenseSpec("DAVSP (border + prefix)", "davsp_safety_prefix", "prefix", "davsp"),
     "da_only": DefenseSpec("DA only (noise + prefix)", "davsp_safety_prefix", "prefix", "da_noise"),
     "vsp_only": DefenseSpec(

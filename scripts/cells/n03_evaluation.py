@@ -12,7 +12,8 @@ judge, data and model produced it. Defenses:
 |---|---|---|
 | `none` | — | — |
 | `adashield_s` | AdaShield-S static prompt, `query + prompt + query` | — |
-| `uniguard` | UniGuard suffix | UniGuard-style additive noise trained for a refusal, not UniGuard's harmful-corpus objective (`<training_dir>/uniguard`) |
+| `uniguard` | UniGuard suffix | refusal-trained noise, not UniGuard's objective (`uniguard`) |
+| `uniguard_published` | UniGuard suffix | UniGuard's corpus-trained noise (`uniguard_published`) |
 | `davsp` | DAVSP safety prefix | trained border (`<training_dir>/davsp`) |
 | `da_only` | DAVSP safety prefix | DA-trained additive noise (`da_noise`): no border |
 | `vsp_only` | DAVSP safety prefix | border trained with the output loss only (`vsp_output`) |
