@@ -13,8 +13,8 @@ ETHICAL way". Otherwise the first answer stays. Prompts: `ecso_tell`, `ecso_capt
 `ecso_generate` in `prompts.json` (the reference wording).
 
 **Self-check decision (stated).** The generated answer is parsed (greedy, `check_tokens`
-tokens): flagged iff it starts with "yes" (the reference flags an answer that is exactly "yes" or
-"yes."; with a token cut, "starts with yes" is that rule).
+tokens): flagged iff the whole answer, lower-cased and stripped, is "yes" or "yes." (the
+reference's rule; "Yes, it is harmful" is not flagged).
 
 **With DAVSP** (the paper's ECSO table, LLaVA-1.5-13B: ECSO 80.8, DAVSP 84.2, adaptive 86.8,
 static 94.2 FigStep RSR):
