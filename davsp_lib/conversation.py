@@ -14,9 +14,14 @@ class Conversation:
 
     ``safety_placement`` follows the baselines' recipes:
 
-    - ``prefix``: prompt, then query (the DAVSP safety prefix),
+    - ``prefix``: prompt, ``prefix_separator``, query (the DAVSP safety prefix; the reference
+      joins them with nothing between, its prefix ending in ": "),
     - ``suffix``: query, newline, prompt (UniGuard's text guardrail),
-    - ``sandwich``: query + prompt + query (AdaShield-S), joined by single spaces.
+    - ``sandwich``: query + prompt + query (AdaShield-S/-A), concatenated with no separator as
+      AdaShield's code does (``qs = query + defense_query + query``).
+
+    The prefix separator is the renderer's choice (an adapter attribute): the LLaVA and Qwen2-VL
+    adapters use the reference's ``""``; the embedded model, which has no reference, keeps ``"\n"``.
     """
 
     query: str
@@ -29,25 +34,29 @@ class Conversation:
         if self.safety_placement not in ("prefix", "suffix", "sandwich"):
             raise ValueError(f"unknown safety_placement {self.safety_placement!r}")
 
-    def user_text(self) -> str:
+    def user_text(self, prefix_separator: str = "\n") -> str:
         """The user message text with the safety prompt placed (image marker not included)."""
         query, prompt = self.query, self.safety_prompt
         if not prompt:
             return query
         if self.safety_placement == "prefix":
-            return f"{prompt}\n{query}"
+            return f"{prompt}{prefix_separator}{query}"
         if self.safety_placement == "suffix":
             return f"{query}\n{prompt}"
-        return f"{query} {prompt} {query}"
+        return f"{query}{prompt}{query}"
 
-    def messages(self) -> list[dict]:
-        """Hugging Face chat messages (content parts), as ``apply_chat_template`` expects."""
+    def messages(
+        self, prefix_separator: str = "\n", default_system_prompt: str | None = None
+    ) -> list[dict]:
+        """Hugging Face chat messages (content parts), as ``apply_chat_template`` expects.
+
+        ``default_system_prompt`` is used when the conversation sets none (a model's default).
+        """
         messages: list[dict] = []
-        if self.system_prompt:
-            messages.append(
-                {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]}
-            )
+        system = self.system_prompt if self.system_prompt is not None else default_system_prompt
+        if system:
+            messages.append({"role": "system", "content": [{"type": "text", "text": system}]})
         content: list[dict] = [{"type": "image"}] if self.has_image else []
-        content.append({"type": "text", "text": self.user_text()})
+        content.append({"type": "text", "text": self.user_text(prefix_separator)})
         messages.append({"role": "user", "content": content})
         return messages

@@ -6,9 +6,11 @@ in ``prompts.json``; gyhdog99/ECSO ``model_mmsafe_tell_ask.py``):
 1. **answer** the (image, query) input;
 2. **self-check**: the same model, given the same image and the TELL prompt (query + its answer,
    cut to 1927 characters) says whether its answer is harmful. The decision **parses the
-   generated answer** (greedy, ``check_tokens`` tokens): flagged iff it starts with "yes"
-   (:meth:`davsp_lib.judges.JudgeWording.parse`, ECSO wording). The reference flags only an
-   answer that is exactly "yes" or "yes."; with a token cut, "starts with yes" is the same rule;
+   generated answer** (greedy, ``check_tokens`` tokens) as the reference does: flagged iff the
+   whole answer is "yes" or "yes." (case and whitespace normalised;
+   :meth:`davsp_lib.judges.JudgeWording.parse`, ECSO wording). "Yes, it is harmful" is *not*
+   flagged, as in the reference. One difference the token cut makes: an answer such as
+   "Yes.\n\nBecause ..." cut after "Yes." is flagged, where the reference's full text is not;
 3. if flagged, a **query-aware caption** of the image (CAP prompt, image on), then
 4. an **answer from the caption without the image** (LLM_GEN prompt, text only);
    otherwise the first answer is kept.
@@ -44,7 +46,7 @@ from typing import Any
 from davsp_lib import prompts
 from davsp_lib.adapters.base import VLMAdapter
 from davsp_lib.evaluation import Defense, generate_responses
-from davsp_lib.judges import JudgeWording
+from davsp_lib.judges import JudgeWording, parse_yes_no
 from davsp_lib.records import Record
 from davsp_lib.vsp import VisualSafetyPrompt
 
@@ -83,14 +85,14 @@ class ECSOPrompts:
 
 
 def parse_check(answer: str) -> tuple[bool, bool]:
-    """``(flagged, valid)`` from a self-check answer: flagged iff it starts with "yes";
-    valid iff it starts with "yes" or "no" (as :meth:`JudgeWording.parse` reads ECSO's)."""
-    lowered = answer.strip().lower()
-    return lowered.startswith("yes"), lowered.startswith(("yes", "no"))
+    """``(flagged, valid)`` from a self-check answer: flagged iff the whole answer is "yes" or
+    "yes." (ECSO's rule); valid iff it is one of "yes", "yes.", "no", "no." (case and
+    whitespace normalised, as :meth:`JudgeWording.parse` reads ECSO's wording)."""
+    return parse_yes_no(answer)
 
 
 def is_flagged(check_row: Mapping[str, Any]) -> bool:
-    """The default decision on a self-check row: its answer starts with "yes".
+    """The default decision on a self-check row: its answer is exactly "yes" or "yes.".
 
     :func:`run_ecso` takes any such callable of the row (id, label, response, ...), e.g. an
     oracle ``lambda row: row["label"] == "malicious"`` for ECSO with a perfect detector.

@@ -61,8 +61,21 @@ class DefenseSpec:
 DEFENSES: dict[str, DefenseSpec] = {
     "none": DefenseSpec("no defense"),
     "adashield_s": DefenseSpec("AdaShield-S", "adashield_static", "sandwich"),
+    # Not UniGuard as published (which makes a harmful corpus unlikely, from a random start in
+    # +-eps): the noise is trained by DAVSP's loop for a refusal on malicious inputs, then shown
+    # with UniGuard's text suffix. The name says so; the key stays for existing artifacts.
     "uniguard": DefenseSpec(
-        "UniGuard (noise + suffix)", "uniguard_text_suffix", "suffix", "uniguard"
+        "UniGuard-style (refusal-trained noise + UniGuard suffix)",
+        "uniguard_text_suffix",
+        "suffix",
+        "uniguard",
+    ),
+    # UniGuard as published (davsp_lib.uniguard: harmful-corpus likelihood, random start)
+    "uniguard_published": DefenseSpec(
+        "UniGuard (corpus-trained noise + suffix)",
+        "uniguard_text_suffix",
+        "suffix",
+        "uniguard_published",
     ),
     "davsp": DefenseSpec("DAVSP (border + prefix)", "davsp_safety_prefix", "prefix", "davsp"),
     "da_only": DefenseSpec("DA only (noise + prefix)", "davsp_safety_prefix", "prefix", "da_noise"),

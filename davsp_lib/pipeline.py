@@ -195,7 +195,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "n_mmvet": 218,
             "mmvet_capability": "",
             "batch_size": 16,
-            "max_new_tokens": 512,
+            "max_new_tokens": 1024,  # the reference: max_new_tokens=1024
             "judge_specs": "endpoint,refusal:jailbreakbench,refusal:gcg,refusal:xstest",
         },
         "04_intervention": {
@@ -206,7 +206,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "n_benign": 64,
             "n_text": 39,
             "batch_size": 16,
-            "max_new_tokens": 128,
+            "max_new_tokens": 1024,  # the reference: max_new_tokens=1024
         },
         "05_transfer": {
             "model_a": "llava-hf/llava-1.5-13b-hf",
@@ -217,7 +217,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "n_harmful_val": 39,
             "n_harmless_val": 100,
             "reference_rows": "none,davsp",
-            "max_new_tokens": 128,
+            "max_new_tokens": 1024,  # the reference: max_new_tokens=1024
             "batch_size": 16,
         },
         "06_ecso": {
@@ -228,7 +228,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "n_harmless_val": 100,
             "n_mmvet": 100,
             "mmvet_capability": "",
-            "max_new_tokens": 128,
+            "max_new_tokens": 1024,  # the reference: max_new_tokens=1024
             "check_tokens": 4,
             "caption_tokens": 128,
             "oracle": True,

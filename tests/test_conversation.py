@@ -10,7 +10,8 @@ from davsp_lib.conversation import Conversation
     [
         ("prefix", "SAFE\nWhat is this?"),
         ("suffix", "What is this?\nSAFE"),
-        ("sandwich", "What is this? SAFE What is this?"),
+        # AdaShield's code: qs = query + defense_query + query, nothing in between
+        ("sandwich", "What is this?SAFEWhat is this?"),
     ],
 )
 def test_safety_prompt_placement(placement, expected):
@@ -32,3 +33,22 @@ def test_messages_carry_system_image_and_text():
 def test_unknown_placement_is_refused():
     with pytest.raises(ValueError, match="unknown safety_placement"):
         Conversation("Q", safety_placement="middle")  # type: ignore[arg-type]
+
+
+def test_prefix_separator_is_the_renderers_choice():
+    conv = Conversation("Q?", safety_prompt="Be safe: ")
+    assert conv.user_text("") == "Be safe: Q?"  # the DAVSP reference: prefix + query
+    assert conv.messages("")[-1]["content"][-1] == {"type": "text", "text": "Be safe: Q?"}
+
+
+def test_default_system_prompt_only_when_none_is_set():
+    assert Conversation("Q").messages(default_system_prompt="D")[0]["content"][0]["text"] == "D"
+    assert (
+        Conversation("Q", system_prompt="S").messages(default_system_prompt="D")[0]["content"][0][
+            "text"
+        ]
+        == "S"
+    )
+    assert (
+        Conversation("Q", system_prompt="").messages(default_system_prompt="D")[0]["role"] == "user"
+    )

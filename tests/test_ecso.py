@@ -79,7 +79,7 @@ def test_prompts_fill_the_reference_wording():
     [
         ("Yes", (True, True)),
         (" yes.", (True, True)),
-        ("Yes, the response", (True, True)),
+        ("Yes, the response", (False, False)),  # ECSO: the whole reply must be "yes"/"yes."
         ("No", (False, True)),
         ("no.", (False, True)),
         ("I think so", (False, False)),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -24,6 +24,11 @@ class HFVisionLanguageAdapter(VLMAdapter):
 
     #: chat template used when the processor ships none (the architecture's documented format)
     fallback_chat_template: str | None = None
+    #: between a safety prefix and the query: the DAVSP reference joins them with nothing
+    #: (``apply_safety_prompt`` returns ``prefix + query``; the prefix ends in ": ")
+    prefix_separator: ClassVar[str] = ""
+    #: system prompt used when a conversation sets none (the model's own default)
+    default_system_prompt: ClassVar[str | None] = None
 
     def __init__(self, model, processor, *, model_id: str, image_size: tuple[int, int]):
         super().__init__(model, model_id=model_id, image_size=image_size)
@@ -54,8 +59,9 @@ class HFVisionLanguageAdapter(VLMAdapter):
     # -- text ----------------------------------------------------------------------------------
     def prompt_text(self, conversation: Conversation) -> str:
         """The templated prompt with one image marker (as a user would see it)."""
+        messages = conversation.messages(self.prefix_separator, self.default_system_prompt)
         return self.processor.apply_chat_template(
-            conversation.messages(), add_generation_prompt=True, tokenize=False
+            messages, add_generation_prompt=True, tokenize=False
         )
 
     def prompt_ids(self, conversation: Conversation) -> list[int]:
@@ -86,6 +92,10 @@ class HFVisionLanguageAdapter(VLMAdapter):
         """Model kwargs for a canvas batch already at ``image_size`` in [0, 1]."""
         raise NotImplementedError
 
+    def token_type_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Extra per-token model inputs derived from the ids (none unless the model needs them)."""
+        return {}
+
     def position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
         """Positions that ignore left padding (None: the model derives them itself)."""
         return (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -114,10 +124,7 @@ class HFVisionLanguageAdapter(VLMAdapter):
         if images is not None:
             canvas = self.to_canvas(images.to(device=device, dtype=torch.float32))
             inputs.update(self.pixel_inputs(canvas))
-            if getattr(self.processor, "return_mm_token_type_ids", False):
-                # M-RoPE models (Qwen2-VL) need to know which tokens are image tokens
-                types = self.processor.create_mm_token_type_ids(input_ids.tolist())
-                inputs["mm_token_type_ids"] = torch.tensor(types, device=device)
+            inputs.update(self.token_type_inputs(inputs["input_ids"]))
         return EncodedBatch(
             model_inputs=inputs,
             last_input_index=tokens.last_input_index.to(device),

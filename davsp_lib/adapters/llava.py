@@ -8,6 +8,14 @@ from typing import ClassVar
 import torch
 
 from davsp_lib.adapters.hf import HFVisionLanguageAdapter
+from davsp_lib.conversation import Conversation
+
+#: the system sentence of LLaVA's ``llava_v1`` conversation (``conv_llava_v1`` in
+#: llava/conversation.py, which the DAVSP reference uses for training and inference)
+LLAVA_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
 
 
 class LlavaAdapter(HFVisionLanguageAdapter):
@@ -28,6 +36,43 @@ class LlavaAdapter(HFVisionLanguageAdapter):
         "{{ ' ' }}{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
     )
+
+    default_system_prompt = LLAVA_V1_SYSTEM
+
+    def prompt_text(self, conversation: Conversation) -> str:
+        """The ``llava_v1`` prompt, built as the reference's ``conv.get_prompt()`` builds it.
+
+        ``{system} USER: <image>\n{prefix}{query} ASSISTANT:`` (separator style TWO, sep " ").
+        Rendered here rather than by the processor's chat template, so the string does not
+        depend on which template a checkpoint ships.
+        """
+        system = conversation.system_prompt
+        if system is None:
+            system = self.default_system_prompt
+        message = conversation.user_text(self.prefix_separator)
+        if conversation.has_image:
+            message = f"{self.image_token}\n{message}"
+        head = f"{system} " if system else ""
+        return f"{head}USER: {message} ASSISTANT:"
+
+    def prompt_ids(self, conversation: Conversation) -> list[int]:
+        """Token ids as the reference's ``tokenizer_image_token`` makes them: the text before and
+        after the image marker is tokenised separately (each with the tokenizer's own BOS, the
+        second one dropped), so SentencePiece tokenizers see the text after the marker as the
+        start of a text, as in the reference."""
+        text = self.prompt_text(conversation)
+        if not conversation.has_image:
+            return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        parts = text.split(self.image_token)
+        if len(parts) != 2:
+            raise ValueError(f"{self.model_id}: expected one image marker in prompt {text!r}")
+        head = self.tokenizer(parts[0], add_special_tokens=True)["input_ids"]
+        tail = self.tokenizer(parts[1], add_special_tokens=True)["input_ids"]
+        bos = self.tokenizer.bos_token_id
+        if bos is not None and tail[:1] == [bos]:
+            tail = tail[1:]
+        image_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        return [*head, *[image_id] * self.image_token_count, *tail]
 
     @staticmethod
     def default_image_size(processor) -> tuple[int, int]:

@@ -9,7 +9,7 @@ import torch
 
 from davsp_lib.adapters.base import VLMAdapter
 from davsp_lib.adapters.llava import LlavaAdapter
-from davsp_lib.adapters.qwen2_vl import ImageOnlyQwen2VLProcessor, Qwen2VLAdapter
+from davsp_lib.adapters.qwen2_vl import ImageOnlyQwen2VLProcessor, Qwen2VLAdapter, canvas_option
 from davsp_lib.errors import UnsupportedModelError
 
 #: ``config.model_type`` -> adapter class
@@ -65,7 +65,7 @@ def load_adapter(
     max_memory: dict[int | str, int | str] | None = None,
     offload_folder: str | Path | None = None,
     revision: str | None = None,
-    image_size: tuple[int, int] | None = None,
+    image_size: tuple[int, int] | str | None = None,
     trust_remote_code: bool = False,
     local_files_only: bool | None = None,
 ) -> VLMAdapter:
@@ -76,6 +76,8 @@ def load_adapter(
     A model larger than one GPU: ``device_map="auto"`` with ``max_memory`` (e.g.
     ``{0: "70GiB", 1: "70GiB"}``, plus ``"cpu"`` to allow CPU offload) and ``offload_folder``
     for disk offload; gradients still reach the pixels through accelerate's hooks.
+    Qwen2-VL also takes ``image_size="native:SIDE"`` (the processor's own resize of a square
+    image of that side, see :func:`~davsp_lib.adapters.qwen2_vl.canvas_option`).
     """
     from transformers import AutoConfig
 
@@ -129,7 +131,7 @@ def adapter_for(
     processor: Any,
     *,
     model_id: str,
-    image_size: tuple[int, int] | None = None,
+    image_size: tuple[int, int] | str | None = None,
 ) -> VLMAdapter:
     """Wrap an already loaded ``transformers`` model + processor."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -141,6 +143,8 @@ def adapter_for(
             )
         return LlavaAdapter(model, processor, model_id=model_id, image_size=size)
     if model_type == "qwen2_vl":
+        if isinstance(image_size, str):
+            image_size = canvas_option(processor.image_processor, image_size)
         return Qwen2VLAdapter(model, processor, model_id=model_id, image_size=image_size)
     raise UnsupportedModelError(
         f"{model_id}: architecture {model_type!r} ({type(model).__name__}) has no adapter; "

@@ -12,7 +12,8 @@ judge, data and model produced it. Defenses:
 |---|---|---|
 | `none` | — | — |
 | `adashield_s` | AdaShield-S static prompt, `query + prompt + query` | — |
-| `uniguard` | UniGuard suffix | additive noise (`<training_dir>/uniguard`) |
+| `uniguard` | UniGuard suffix | refusal-trained noise, not UniGuard's objective (`uniguard`) |
+| `uniguard_published` | UniGuard suffix | UniGuard's corpus-trained noise (`uniguard_published`) |
 | `davsp` | DAVSP safety prefix | trained border (`<training_dir>/davsp`) |
 | `da_only` | DAVSP safety prefix | DA-trained additive noise (`da_noise`): no border |
 | `vsp_only` | DAVSP safety prefix | border trained with the output loss only (`vsp_output`) |
@@ -279,12 +280,13 @@ ALL_M, ALL_B = metrics.ALL_MALICIOUS, metrics.ALL_BENIGN
 table = {}
 for name, s in summary.items():
     res, ben = s["resistance"], s["benign_refusals"]
-    line = {f"RSR {ALL_M} (n={res[ALL_M]['n']})": pct(res[ALL_M]["rsr"])}
-    line |= {f"RSR {b} (n={res[b]['n']})": pct(res[b]["rsr"]) for b in malicious_names}
+    rsr_ = f"RSR [{primary.name}]"  # an RSR is always shown with the judge that made it
+    line = {f"{rsr_} {ALL_M} (n={res[ALL_M]['n']})": pct(res[ALL_M]["rsr"])}
+    line |= {f"{rsr_} {b} (n={res[b]['n']})": pct(res[b]["rsr"]) for b in malicious_names}
     for kind in ("harmful", "sensitive"):
         key = f"MM-SafetyBench TYPO/{kind}"
         if key in res:
-            line[f"RSR MM-SB {kind} scenarios (n={res[key]['n']})"] = pct(res[key]["rsr"])
+            line[f"{rsr_} MM-SB {kind} scenarios (n={res[key]['n']})"] = pct(res[key]["rsr"])
     line[f"benign refusal (n={ben[ALL_B]['n']})"] = pct(ben[ALL_B]["rate"])
     if s["mmvet_local"]:
         line[f"MM-Vet local score (n={s['mmvet_local']['n']})"] = pct(s["mmvet_local"]["score"])
@@ -329,7 +331,7 @@ for i, name in enumerate(names):
 left.set_xticks(np.arange(len(groups)) + 0.4 - width / 2,
                 [g.replace(" (", "\\n(") for g in groups], fontsize=8)
 left.set_ylim(0, 1.05)
-left.set_ylabel("RSR = 1 - unsafe rate (Wilson 95 % CI)")
+left.set_ylabel(f"RSR = 1 - unsafe rate [{primary.name}] (Wilson 95 % CI)")
 left.set_title(f"resistance, judge {primary.name}", fontsize=10)
 left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=4, frameon=False)
 utility = {

@@ -287,8 +287,9 @@ table = {}
 for key, s in summary.items():
     res, ben = s["resistance"], s["benign_refusals"]
     line = {"model": info_a["model_id"] if key.startswith("A:") else info_b["model_id"],
-            f"RSR {ALL_M} (n={res[ALL_M]['n']})": pct(res[ALL_M]["rsr"])}
-    line |= {f"RSR {b} (n={res[b]['n']})": pct(res[b]["rsr"]) for b in malicious_names}
+            f"RSR [{judge.name}] {ALL_M} (n={res[ALL_M]['n']})": pct(res[ALL_M]["rsr"])}
+    line |= {f"RSR [{judge.name}] {b} (n={res[b]['n']})": pct(res[b]["rsr"])
+             for b in malicious_names}
     line[f"benign refusal (n={ben[ALL_B]['n']})"] = pct(ben[ALL_B]["rate"])
     agreement = s["agreement_with_none"]
     line["similarity to undefended"] = pct(agreement["similarity"]) if agreement else ""
@@ -308,7 +309,8 @@ frame
     ("code", """
 keys = list(summary)
 fig, ax = plt.subplots(figsize=(9, 4))
-for j, (metric, title) in enumerate([("rsr", "RSR (malicious)"), ("rate", "benign refusal")]):
+metric_titles = [("rsr", f"RSR (malicious) [{judge.name}]"), ("rate", "benign refusal")]
+for j, (metric, title) in enumerate(metric_titles):
     values, low, high = [], [], []
     for key in keys:
         entry = (summary[key]["resistance"][ALL_M] if metric == "rsr"

@@ -13,8 +13,8 @@ ETHICAL way". Otherwise the first answer stays. Prompts: `ecso_tell`, `ecso_capt
 `ecso_generate` in `prompts.json` (the reference wording).
 
 **Self-check decision (stated).** The generated answer is parsed (greedy, `check_tokens`
-tokens): flagged iff it starts with "yes" (the reference flags an answer that is exactly "yes" or
-"yes."; with a token cut, "starts with yes" is that rule).
+tokens): flagged iff the whole answer, lower-cased and stripped, is "yes" or "yes." (the
+reference's rule; "Yes, it is harmful" is not flagged).
 
 **With DAVSP** (the paper's ECSO table, LLaVA-1.5-13B: ECSO 80.8, DAVSP 84.2, adaptive 86.8,
 static 94.2 FigStep RSR):
@@ -232,8 +232,9 @@ malicious_names = [b for b, recs in benchmarks.items() if recs[0].is_malicious]
 table = {}
 for name, s in summary.items():
     res, ben = s["resistance"], s["benign_refusals"]
-    line = {f"RSR {ALL_M} (n={res[ALL_M]['n']})": pct(res[ALL_M]["rsr"])}
-    line |= {f"RSR {b} (n={res[b]['n']})": pct(res[b]["rsr"]) for b in malicious_names}
+    line = {f"RSR [{judge.name}] {ALL_M} (n={res[ALL_M]['n']})": pct(res[ALL_M]["rsr"])}
+    line |= {f"RSR [{judge.name}] {b} (n={res[b]['n']})": pct(res[b]["rsr"])
+             for b in malicious_names}
     line[f"benign refusal (n={ben[ALL_B]['n']})"] = pct(ben[ALL_B]["rate"])
     if s["mmvet_local"] and s["mmvet_local"]["n"]:
         line[f"MM-Vet local score (n={s['mmvet_local']['n']})"] = pct(s["mmvet_local"]["score"])
@@ -248,7 +249,7 @@ frame
     ("code", """
 names = list(summary)
 fig, ax = plt.subplots(figsize=(9, 4))
-for j, title in enumerate(["RSR (malicious)", "benign refusal"]):
+for j, title in enumerate([f"RSR (malicious) [{judge.name}]", "benign refusal"]):
     entries = [summary[n]["resistance"][ALL_M] if j == 0 else summary[n]["benign_refusals"][ALL_B]
                for n in names]
     key = "rsr" if j == 0 else "rate"
