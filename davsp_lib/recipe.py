@@ -421,6 +421,8 @@ def recipe_rows(preset: str = "paper") -> list[RecipeRow]:
                 vector=_pool_substitutions(read, "vector"),
                 training=_pool_substitutions(read, "training"),
             )
+            if not status and preset != "paper":
+                status = f"differs (the {preset} preset does not aim at the paper's recipe)"
             status = status or "DIFFERS (no reason recorded)"
         rows.append(RecipeRow(item.item, item.reference, ours, status))
     return rows

@@ -61,3 +61,15 @@ def test_missing_image_is_a_clear_error(tmp_path, capsys):
     code = main(["read", "--model", str(tmp_path / "llava"), "--image", str(tmp_path / "nope.png")])
     assert code == 2
     assert "nope.png: image file not found" in capsys.readouterr().err
+
+
+def test_recipe_prints_the_card_of_a_preset(capsys):
+    assert main(["recipe", "--preset", "paper"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "## Recipe card — preset `paper` against the DAVSP reference"
+    assert (
+        "| border start | mean (zeros in normalised space) | mean (zeros in normalised space) | same |"
+        in lines
+    )  # noqa: E501
+    assert main(["recipe", "--preset", "nope"]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
