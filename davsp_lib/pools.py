@@ -164,8 +164,27 @@ PAPER = PoolsSpec(
         "evaluation": "held-out AUROC (01), projections (02) and generation/judging (03)",
     },
 )
+#: the paper's pools in miniature (same sources and order), for quick end-to-end checks
+MINI = PoolsSpec(
+    "mini",
+    (
+        PartSpec("vector", "malicious", "vlguard-train/unsafe-image", 6),
+        PartSpec("vector", "benign", "vlguard-train/safe", 6),
+        PartSpec("training", "malicious", "mm-safetybench/typo", 4),
+        PartSpec("training", "benign", "mm-vet", 4),
+        PartSpec("selection", "malicious", "vlguard-train/unsafe-image", 4),
+        PartSpec("selection", "benign", "vlguard-train/safe", 4),
+        PartSpec("selection", "hard", "mm-safetybench/typo", 4),
+        PartSpec("evaluation", "FigStep", "figstep", 4),
+        PartSpec("evaluation", "MM-SafetyBench TYPO", "mm-safetybench/typo", 4),
+        PartSpec("evaluation", "MM-Vet", "mm-vet", 4),
+        PartSpec("evaluation", "VLGuard test malicious", "vlguard-test/malicious", 4),
+        PartSpec("evaluation", "VLGuard test benign", "vlguard-test/benign", 4),
+    ),
+    PAPER.purpose,
+)
 #: pools per preset (the other presets use the notebooks' own small text-prompt splits)
-PRESET_POOLS: dict[str, PoolsSpec] = {"paper": PAPER}
+PRESET_POOLS: dict[str, PoolsSpec] = {"paper": PAPER, "mini": MINI}
 
 
 # ------------------------------------------------------------------------------ pools

@@ -285,16 +285,18 @@ within_format = {
     "easy_vs_benign_text": diagnostics.auroc(scores["easy"], scores["benign_text"]),
     "hard_vs_benign_image": diagnostics.auroc(scores["hard"], scores["benign_image"]),
 }
-prefix = "sel_" if data.has_selection else ""
-at_data = {
-    name: vector.project(acts[prefix + name], data_layer).cpu().numpy()
-    for name in ("easy", "hard", "benign_text", "benign_image") if prefix + name in acts
-}
+# the data-driven margins come from the selection split (held-out parts without one)
+margin_parts = (
+    {"easy": "sel_easy", "hard": "sel_hard", "benign": ["sel_benign", "sel_benign_image"]}
+    if data.has_selection
+    else {"easy": "easy", "hard": "hard", "benign": ["benign_text", "benign_image"]}
+)
+at_data = {name: vector.project(a, data_layer).cpu().numpy() for name, a in acts.items()}
 try:
     data_margins = diagnostics.suggest_margins(
-        at_data["easy"], np.concatenate([at_data[k] for k in ("benign_text", "benign_image")
-                                         if k in at_data]),
-        at_data["hard"], q_plus=q_plus, q_minus=q_minus,
+        at_data[margin_parts["easy"]],
+        np.concatenate([at_data[k] for k in margin_parts["benign"] if k in at_data]),
+        at_data[margin_parts["hard"]], q_plus=q_plus, q_minus=q_minus,
     )
     margin_error = None
 except ValueError as error:

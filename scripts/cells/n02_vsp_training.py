@@ -78,6 +78,7 @@ import torch
 
 from davsp_lib import notebook as nb
 from davsp_lib import plots, prompts, training, vectors
+from davsp_lib import pools as pools_lib
 from davsp_lib.adapters import load_adapter
 from davsp_lib.vsp import VisualSafetyPrompt, default_width
 
@@ -86,7 +87,7 @@ nb.check_common(
     use_mirror=use_mirror, batch_size=batch_size, seed=seed,
 )
 nb.check("layer_choice", layer_choice, str, choices=["data", "reference"])
-nb.check("pools", pools, str, choices=["", "paper"])
+nb.check("pools", pools, str, choices=["", *pools_lib.PRESET_POOLS])
 nb.check("malicious_output_p", malicious_output_p, float, minimum=0.0, maximum=1.0)
 nb.check("answer_eos", answer_eos, bool)
 nb.check("border_start", border_start, str, choices=["white", "zeros", "mean"])
@@ -157,8 +158,6 @@ mirror_root = nb.mirror_root(use_mirror, data_root)
 vector_ids = [i for ids in vector.metadata.get("data_ids", {}).values() for i in ids]
 pool_info = None
 if pools:
-    from davsp_lib import pools as pools_lib
-
     drawn = pools_lib.build_pools(mirror_root, pools, seed=seed)
     pool_info = drawn.to_json(ids=False)
     overlap = set(vector_ids) & {r.id for r in drawn["training"].records()}

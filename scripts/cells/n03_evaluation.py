@@ -79,6 +79,7 @@ import pandas as pd
 from PIL import Image
 
 from davsp_lib import datasets, evaluation, judges, metrics, plots, vectors
+from davsp_lib import pools as pools_lib
 from davsp_lib import notebook as nb
 from davsp_lib.adapters import load_adapter
 from davsp_lib.errors import DataError
@@ -89,7 +90,7 @@ nb.check_common(
     model=model, dtype=dtype, device=device, data_root=data_root, use_mirror=use_mirror,
     vector_path=vector_path, batch_size=batch_size, seed=seed,
 )
-nb.check("pools", pools, str, choices=["", "paper"])
+nb.check("pools", pools, str, choices=["", *pools_lib.PRESET_POOLS])
 nb.check("training_dir", training_dir, str)
 nb.check("defenses", defenses, str)
 defense_names = [name.strip() for name in defenses.split(",") if name.strip()]
@@ -151,8 +152,6 @@ def rendered(split, n):
 
 benchmarks = {}  # name -> records; malicious first
 if pools:  # held out from every other pool; a part smaller than n_* raises (no clamping)
-    from davsp_lib import pools as pools_lib
-
     held = pools_lib.build_pools(mirror_root, pools, seed=seed)["evaluation"]
     for name, n in (("FigStep", n_figstep), ("MM-SafetyBench TYPO", n_mmsb)):
         benchmarks[name] = pools_lib.take(held, name, n, seed=seed)
