@@ -419,7 +419,8 @@ headline = (
     f"{data_layer}, reference {reference.layer}) (held-out AUROC "
     f"{report.at(chosen)['auroc']:.3f}, topic-matched pairs "
     f"{paired_report.at(chosen)['auroc']:.3f}); "
-    f"AUROC against all held-out benign there: easy {sep.auroc_easy:.3f}, FigStep hard "
+    f"AUROC against all held-out benign there: easy {sep.auroc_easy:.3f}, "
+    f"hard image attack ({data.hard[0].source}) "
     f"{sep.auroc_hard:.3f} (gap {sep.auroc_gap:+.3f}); {margin_text}"
 )
 nb.write_results(output_dir / "results.json", notebook="01_harmfulness_vector",
