@@ -95,3 +95,12 @@ def test_no_mirror_and_unknown_presets_are_errors():
         build_pools(None, "embedded")
     with pytest.raises(ValueError, match="unknown source"):
         PartSpec("vector", "malicious", "laion", 3)
+
+
+def test_the_mini_pools_are_the_paper_pools_in_miniature(shared_data):
+    def shape(spec):
+        return [(p.pool, p.part, p.source) for p in spec.parts]
+
+    assert shape(pools.MINI) == shape(pools.PAPER)
+    mini = build_pools(shared_data, "mini", seed=0)
+    assert all(n == 4 or n == 6 for pool in mini.counts().values() for n in pool.values())
