@@ -31,6 +31,11 @@ def _parser() -> argparse.ArgumentParser:
         help="shorthand for -p model M -p model_a M (tiny, small, a LLaVA / Qwen2-VL id or folder)",
     )
 
+    card = commands.add_parser(
+        "recipe", help="print the recipe card: each reference-recipe item, ours, and why not"
+    )
+    card.add_argument("--preset", default="paper", help="paper (default), embedded or smoke")
+
     ask = commands.add_parser("ask", help="answer a query about an image")
     ask.add_argument("--image", required=True, help="image file")
     ask.add_argument("--query", required=True)
@@ -115,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from davsp_lib.errors import DataError, UnsupportedModelError
 
     args = _parser().parse_args(argv)
-    commands = {"run": _run, "data": _data, "ask": _ask, "read": _read}
+    commands = {"run": _run, "data": _data, "ask": _ask, "read": _read, "recipe": _recipe}
     try:
         return commands[args.command](args)
     except (DataError, UnsupportedModelError, FileNotFoundError, ValueError) as error:
@@ -145,6 +150,17 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
     if args.model:
         values.update(model=args.model, model_a=args.model)
     return values
+
+
+def _recipe(args: argparse.Namespace) -> int:
+    from davsp_lib.pipeline import PRESETS
+    from davsp_lib.recipe import main as print_card
+
+    if args.preset not in PRESETS:
+        print(f"davsp recipe: error: unknown preset {args.preset!r}; choose from "
+              f"{sorted(PRESETS)}", file=sys.stderr)  # fmt: skip
+        return 2
+    return print_card(args.preset)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from davsp_lib.datasets import as_image_attack, load_builtin, load_text_prompts
 from davsp_lib.records import Dataset, Record
 from davsp_lib.splits import make_splits
 from davsp_lib.vectors import Activations, HarmfulnessVector
+
+if TYPE_CHECKING:
+    from davsp_lib.pools import Pools
 
 ArrayLike = np.ndarray | torch.Tensor | Sequence[float]
 
@@ -114,7 +117,7 @@ def layer_report(vector: HarmfulnessVector, heldout: Activations) -> LayerReport
         )
     aurocs, effects = [], []
     for layer in layers:
-        scores = vector.project(heldout, layer).numpy()
+        scores = vector.project(heldout, layer).cpu().numpy()
         pos, neg = scores[heldout.labels], scores[~heldout.labels]
         aurocs.append(auroc(pos, neg))
         effects.append(cohens_d(pos, neg))
@@ -270,7 +273,10 @@ class StudyData:
     - ``hard`` / ``benign_image``: the same held-out instructions rendered FigStep-style,
       with FigStep's prompt as the query,
     - ``gap_text`` / ``gap_image``: built-in instructions as text and as FigStep images
-      (the modality-gap figure), from groups the vector never saw.
+      (the modality-gap figure), from groups the vector never saw,
+    - ``sel_*``: the selection split (easy malicious, benign, hard malicious, benign images)
+      on which the layer and the margins are chosen; the held-out parts above are only reported.
+      Empty when the data has none (the no-mirror fallback: held-out parts choose, as before).
     """
 
     source: str
@@ -282,10 +288,20 @@ class StudyData:
     gap_text: list[Record]
     gap_image: list[Record]
     notes: list[str] = field(default_factory=list)
+    sel_easy: list[Record] = field(default_factory=list)
+    sel_benign: list[Record] = field(default_factory=list)
+    sel_hard: list[Record] = field(default_factory=list)
+    sel_benign_image: list[Record] = field(default_factory=list)
+    substitutions: list[str] = field(default_factory=list)
 
     def parts(self) -> dict[str, list[Record]]:
         names = ("vector", "easy", "benign_text", "hard", "benign_image", "gap_text", "gap_image")
-        return {name: getattr(self, name) for name in names}
+        names += ("sel_easy", "sel_benign", "sel_hard", "sel_benign_image")
+        return {name: getattr(self, name) for name in names if getattr(self, name)}
+
+    @property
+    def has_selection(self) -> bool:
+        return bool(self.sel_easy and self.sel_benign)
 
     def sizes(self) -> dict[str, dict[str, int]]:
         return {
@@ -305,6 +321,15 @@ def _take(records: Sequence[Record], n: int, seed: int, name: str) -> list[Recor
     if n == 0:
         return []
     return make_splits(records, {name: n}, seed).select(records, name)
+
+
+def _require(requested: int, available: int, what: str) -> int:
+    """``requested``, or a :class:`~davsp_lib.pools.PoolError` when fewer are available."""
+    from davsp_lib.pools import PoolError
+
+    if requested > available:
+        raise PoolError(None, f"{what}: {requested} requested, only {available} available")
+    return requested
 
 
 def _clamp(requested: int, available: int, what: str, notes: list[str]) -> int:
@@ -333,15 +358,20 @@ def study_data(
     builtin_text = load_builtin("text")
     if root is None:
         return _builtin_study(builtin_text, n_vector, n_heldout, seed, notes)
-    parts = {}
+    parts, selection = {}, {}
     for split in ("harmful_train", "harmless_train"):
-        data = load_text_prompts(root, split)
-        n = _clamp(n_vector, len(data), f"vector split from {split}", notes)
-        parts[split] = _take(list(data), n, seed, "vector")
-    seen = {r.group_key for records in parts.values() for r in records}
+        data = list(load_text_prompts(root, split))
+        n = _require(n_vector, len(data), f"vector split from text-prompts {split}")
+        parts[split] = _take(data, n, seed, "vector")
+        # the selection split (layer and margins) comes from what the vector left of the split
+        taken = {r.group_key for r in parts[split]}
+        left = [r for r in data if r.group_key not in taken]
+        what = f"selection split from text-prompts {split} (after {n} for the vector)"
+        selection[split] = _take(left, _require(n_heldout, len(left), what), seed, "selection")
+    seen = {r.group_key for records in [*parts.values(), *selection.values()] for r in records}
     for split in ("harmful_val", "harmless_val"):
         data = [r for r in load_text_prompts(root, split) if r.group_key not in seen]
-        n = _clamp(n_heldout, len(data), f"held-out from {split}", notes)
+        n = _require(n_heldout, len(data), f"held-out from text-prompts {split}")
         parts[split] = _take(data, n, seed, "heldout")
     gap_text = _balanced(builtin_text, n_gap, seed, notes)
     return StudyData(
@@ -354,6 +384,40 @@ def study_data(
         gap_text=gap_text,
         gap_image=list(as_image_attack(gap_text, "figstep")),
         notes=notes,
+        sel_easy=selection["harmful_train"],
+        sel_benign=selection["harmless_train"],
+        sel_hard=list(as_image_attack(selection["harmful_train"], "figstep")),
+        sel_benign_image=list(as_image_attack(selection["harmless_train"], "figstep")),
+    )
+
+
+def study_data_from_pools(pools: Pools, *, n_heldout: int, n_gap: int, seed: int) -> StudyData:
+    """Notebook 01's records from a preset's pools (:mod:`davsp_lib.pools`).
+
+    Vector: the vector pool; selection (layer, margins): the selection pool (easy VLGuard text
+    malicious / benign, hard MM-SafetyBench TYPO); held-out, reported only: ``n_heldout`` per
+    part of the evaluation pool (VLGuard test malicious / benign as text, MM-SafetyBench TYPO
+    as the hard images, MM-Vet as the benign images). A part too small raises.
+    """
+    from davsp_lib.pools import take
+
+    notes: list[str] = []
+    vector, selection, held = pools["vector"], pools["selection"], pools["evaluation"]
+    gap_text = _balanced(load_builtin("text"), n_gap, seed, notes)
+    return StudyData(
+        source=f"{pools.spec} pools (mirror) + built-in",
+        vector=vector.malicious() + vector.benign(),
+        easy=take(held, "VLGuard test malicious", n_heldout, seed=seed),
+        benign_text=take(held, "VLGuard test benign", n_heldout, seed=seed),
+        hard=take(held, "MM-SafetyBench TYPO", n_heldout, seed=seed),
+        benign_image=take(held, "MM-Vet", n_heldout, seed=seed),
+        gap_text=gap_text,
+        gap_image=list(as_image_attack(gap_text, "figstep")),
+        notes=notes,
+        sel_easy=selection.parts["malicious"],
+        sel_benign=selection.parts["benign"],
+        sel_hard=selection.parts["hard"],
+        substitutions=pools.substitutions(),
     )
 
 

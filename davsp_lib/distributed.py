@@ -533,7 +533,7 @@ def _vector_digest(vector: Any) -> str | None:
     digest = hashlib.sha256()
     for name, tensor in sorted(vector.tensors().items()):
         digest.update(name.encode())
-        digest.update(tensor.contiguous().numpy().tobytes())
+        digest.update(tensor.contiguous().cpu().numpy().tobytes())
     return digest.hexdigest()
 
 

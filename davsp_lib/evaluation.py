@@ -133,7 +133,7 @@ class Defense:
             }
         image = None
         if self.vsp is not None:
-            delta = self.vsp.delta.contiguous().numpy().tobytes()
+            delta = self.vsp.delta.contiguous().cpu().numpy().tobytes()
             image = {
                 "variant": self.variant,
                 "kind": self.vsp.kind,
@@ -497,7 +497,7 @@ def generate_responses(
     if vector is not None:
         if layer is None:
             layer = int(vector.metadata["diagnostics"]["chosen_layer"])
-        direction = vector.direction(layer).contiguous().numpy().tobytes()
+        direction = vector.direction(layer).contiguous().cpu().numpy().tobytes()
         projection = {
             "layer": int(layer),
             "direction_sha256": hashlib.sha256(direction).hexdigest(),

@@ -171,7 +171,7 @@ def to_pil(tensor: torch.Tensor) -> Image.Image:
     if torch.isnan(tensor).any():
         raise ValueError("tensor contains NaN")
     array = tensor.detach().cpu().clamp(0, 1).mul(255).round().to(torch.uint8)
-    return Image.fromarray(array.permute(1, 2, 0).numpy(), mode="RGB")
+    return Image.fromarray(array.permute(1, 2, 0).cpu().numpy(), mode="RGB")
 
 
 # ---------------------------------------------------------------------------- render cache

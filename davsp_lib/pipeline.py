@@ -160,22 +160,29 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {
         "common": {"seed": 0, "model": "llava-hf/llava-1.5-13b-hf"},
         "00_data_tour": {"examples_per_source": 6},
+        # the paper's disjoint pools (davsp_lib.pools), the reference layer and margins (the
+        # data-driven ones are reported beside), bfloat16 (float16 + signed steps underflow)
         "01_harmfulness_vector": {
-            "dtype": "float16",
+            "dtype": "bfloat16",
             "device": "cuda",
-            "n_vector": 256,
-            "n_heldout": 39,  # all of harmful_val
+            "pools": "paper",
+            "layer_choice": "reference",
+            "n_heldout": 100,
             "n_gap": 40,
             "layers": "all",
             "batch_size": 16,
             "interactive": False,
         },
-        "02_vsp_training": {  # the reference recipe's sizes, with our layer and margins
-            "dtype": "float16",
+        "02_vsp_training": {  # the reference recipe (davsp recipe --preset paper)
+            "dtype": "bfloat16",
             "device": "cuda",
-            "n_train": 300,
-            "n_heldout": 39,
-            "n_mmvet": 100,
+            "pools": "paper",
+            "layer_choice": "reference",
+            "n_heldout": 100,
+            "malicious_output_p": 0.05,
+            "answer_eos": False,
+            "border_start": "mean",
+            "border_clamp": False,
             "steps": 1200,
             "ablation_steps": 1200,
             "batch_size": 2,
@@ -185,21 +192,22 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "answer_tokens": 128,
             "checkpoint_every": 50,
         },
-        "03_evaluation": {
-            "dtype": "float16",
+        "03_evaluation": {  # the evaluation pool: everything the other pools left
+            "dtype": "bfloat16",
             "device": "cuda",
+            "pools": "paper",
             "n_figstep": 500,
-            "n_mmsb": 1680,
+            "n_mmsb": 980,
             "n_harmful_val": 0,
             "n_harmless_val": 100,
-            "n_mmvet": 218,
+            "n_mmvet": 118,
             "mmvet_capability": "",
             "batch_size": 16,
             "max_new_tokens": 1024,  # the reference: max_new_tokens=1024
             "judge_specs": "endpoint,refusal:jailbreakbench,refusal:gcg,refusal:xstest",
         },
         "04_intervention": {
-            "dtype": "float16",
+            "dtype": "bfloat16",
             "device": "cuda",
             "alphas": [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0],
             "n_malicious": 39,
@@ -211,7 +219,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "05_transfer": {
             "model_a": "llava-hf/llava-1.5-13b-hf",
             "model_b": "Qwen/Qwen2-VL-7B-Instruct",
-            "dtype": "float16",
+            "dtype": "bfloat16",
             "device": "cuda",
             "n_figstep": 100,
             "n_harmful_val": 39,
@@ -221,7 +229,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "batch_size": 16,
         },
         "06_ecso": {
-            "dtype": "float16",
+            "dtype": "bfloat16",
             "device": "cuda",
             "n_figstep": 100,
             "n_harmful_val": 39,
@@ -356,6 +364,16 @@ def _results_table(step: StepResult) -> list[str]:
     return markdown_table(table)
 
 
+def _recipe_card(preset: str) -> list[str]:
+    """The recipe card of the preset (:mod:`davsp_lib.recipe`); never fails the report."""
+    from davsp_lib import recipe
+
+    try:
+        return recipe.markdown(recipe.recipe_rows(preset), preset)
+    except Exception as exc:  # a report must still be written
+        return [f"## Recipe card — preset `{preset}`", "", f"(not available: {exc})"]
+
+
 def write_report(run_dir: Path, preset: str, steps: Sequence[StepResult]) -> Path:
     lines = [
         f"# DAVSP workbook run — preset `{preset}`",
@@ -380,6 +398,7 @@ def write_report(run_dir: Path, preset: str, steps: Sequence[StepResult]) -> Pat
             for figure in step.figures:
                 relative = Path(figure).relative_to(run_dir)
                 lines.append(f"![{relative.stem}]({relative.as_posix()})")
+    lines += ["", *_recipe_card(preset)]
     return atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")
 
 

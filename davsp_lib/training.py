@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -44,6 +44,9 @@ from davsp_lib.io import atomic_write_bytes, atomic_write_json, read_json
 from davsp_lib.records import Record
 from davsp_lib.vectors import HarmfulnessVector
 from davsp_lib.vsp import VisualSafetyPrompt, placer_for
+
+if TYPE_CHECKING:
+    from davsp_lib.pools import Pools
 
 Variant = Literal["davsp", "da_noise", "vsp_output", "uniguard"]
 #: variant -> (prompt kind, projection loss?, benign output loss?, malicious refusal loss?)
@@ -78,6 +81,11 @@ class TrainConfig:
     #: Adam learning rate, or the signed step in [0, 1] pixel units (reference: 1/255)
     lr: float = 0.01
     lam: float = 0.02  # weight of the output loss (reference: 0.02)
+    #: DA variants: probability that a malicious batch also gets the output loss (weight lam)
+    #: on refusal targets (reference: 0.05); drawn in the batch plan, so resume stays exact
+    malicious_output_p: float = 0.0
+    #: train the end-of-sequence token after each target answer (the reference does not)
+    answer_eos: bool = True
     #: "alternate" malicious/benign batches (a malicious step stops at layer l), "mix" (half
     #: and half in every batch) or "random" (the reference: malicious with p = 0.5)
     schedule: Literal["alternate", "mix", "random"] = "alternate"
@@ -99,6 +107,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.schedule == "mix" and self.batch_size < 2:
             raise ValueError("schedule 'mix' needs batch_size >= 2 (half malicious, half benign)")
+        if not 0.0 <= self.malicious_output_p <= 1.0:
+            raise ValueError(f"malicious_output_p must be in [0, 1], got {self.malicious_output_p}")
         for name in ("lr", "lam", "mu_plus", "mu_minus", "epsilon"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
@@ -134,6 +144,8 @@ class TrainConfig:
 class Step:
     malicious: tuple[int, ...]  # indices into the malicious records
     benign: tuple[int, ...]
+    #: the malicious rows also get the output loss (refusal targets, weight lam) this step
+    malicious_output: bool = False
 
 
 def _draws(n: int, count: int, seed: int, stream: int) -> list[int]:
@@ -167,11 +179,19 @@ def batch_plan(config: TrainConfig, n_malicious: int, n_benign: int) -> list[Ste
         kinds = [(size, 0)] * config.steps
     mal = _draws(n_malicious, sum(k[0] for k in kinds), config.seed, 1) if n_malicious else []
     ben = _draws(n_benign, sum(k[1] for k in kinds), config.seed, 2) if n_benign else []
+    coins = malicious_output_coins(config)
     plan, i, j = [], 0, 0
-    for n_mal, n_ben in kinds:
-        plan.append(Step(tuple(mal[i : i + n_mal]), tuple(ben[j : j + n_ben])))
+    for (n_mal, n_ben), coin in zip(kinds, coins, strict=True):
+        extra = n_mal > 0 and not config.malicious_output and coin < config.malicious_output_p
+        plan.append(Step(tuple(mal[i : i + n_mal]), tuple(ben[j : j + n_ben]), extra))
         i, j = i + n_mal, j + n_ben
     return plan
+
+
+def malicious_output_coins(config: TrainConfig) -> list[float]:
+    """One uniform draw per step (its own seeded stream: the batch draws do not move)."""
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + 3 * 7919)
+    return torch.rand(config.steps, generator=generator, dtype=torch.float64).tolist()
 
 
 # ------------------------------------------------------------------------------ data
@@ -247,12 +267,23 @@ def prepare_training_set(
             atomic_write_json(answers_path, {"answers": cached, "tokens": answer_tokens})
     for record in benign:
         if record.reference:
-            answers[record.id], source[record.id] = record.reference, "reference"
+            answers[record.id], source[record.id] = target_text(record.reference), "reference"
         else:
             answers[record.id], source[record.id] = cached[record.id], "model"
     for record in malicious:
         answers[record.id], source[record.id] = REFUSAL_TARGET, "refusal target"
     return TrainingSet(malicious, benign, canvases, conversations, answers, source)
+
+
+def target_text(reference: str) -> str:
+    """A reference answer as a training target: MM-Vet's scoring markers are not answer text.
+
+    ``a<OR>b`` (alternatives the scorer accepts) keeps the first alternative; ``a<AND>b``
+    (every part required) becomes ``a, b``. Text without markers is returned unchanged.
+    """
+    first = reference.split("<OR>")[0]
+    parts = [part.strip() for part in first.split("<AND>")]
+    return ", ".join(part for part in parts if part) if "<AND>" in first else first
 
 
 # ------------------------------------------------------------------------------ one step
@@ -282,6 +313,14 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
+def drop_final_label(labels: torch.Tensor) -> torch.Tensor:
+    """``labels`` with each row's last supervised token (the appended EOS) ignored."""
+    supervised = labels != IGNORE_INDEX
+    positions = torch.arange(labels.shape[1], device=labels.device).expand_as(labels)
+    last = torch.where(supervised, positions, -1).amax(dim=1, keepdim=True)
+    return labels.masked_fill((positions == last) & supervised, IGNORE_INDEX)
+
+
 def forward_losses(
     adapter: VLMAdapter,
     images: torch.Tensor,
@@ -290,17 +329,27 @@ def forward_losses(
     answers: Sequence[str | None],
     config: TrainConfig,
     direction: torch.Tensor | None,
+    *,
+    malicious_output: bool = False,
 ) -> StepOutput:
-    """Both losses from one forward (truncated at the layer when no output loss is needed)."""
-    malicious = torch.tensor(list(is_malicious), device=adapter.device)
+    """Both losses from one forward (truncated at the layer when no output loss is needed).
+
+    ``malicious_output``: this step's malicious rows also get the output loss (weight ``lam``,
+    the batch plan's draw with ``config.malicious_output_p``). Every loss term is computed in
+    float32 on ``adapter.device`` (the device of the inputs): with ``device_map="auto"`` the
+    hidden state of layer ``l`` and the logits live on other GPUs and are moved there first.
+    """
+    loss_device = adapter.device
+    malicious = torch.tensor(list(is_malicious), device=loss_device)
+    malicious_output = config.malicious_output or (malicious_output and config.lam > 0)
     wants_output = [
-        (config.malicious_output if mal else config.benign_output) and answer is not None
+        (malicious_output if mal else config.benign_output) and answer is not None
         for mal, answer in zip(is_malicious, answers, strict=True)
     ]
     need_logits = any(wants_output)
     targets = [a if w else "" for a, w in zip(answers, wants_output, strict=True)]
     batch: EncodedBatch = adapter.encode(images, conversations, targets if need_logits else None)
-    loss = torch.zeros((), device=adapter.device)
+    loss = torch.zeros((), device=loss_device)
     projection_loss = output_loss = 0.0
     projections: dict[str, list[float]] = {"malicious": [], "benign": []}
     layers = [config.layer] if config.uses_projection else []
@@ -318,7 +367,7 @@ def forward_losses(
             run_until_stop(adapter.model, **batch.model_inputs, use_cache=False)
     if config.uses_projection:
         assert direction is not None
-        scores = store[config.layer].float() @ direction
+        scores = store[config.layer].to(loss_device).float() @ direction.to(loss_device)
         per_sample = hinge(scores, malicious, config.mu_plus, config.mu_minus)
         loss = loss + per_sample.mean()
         projection_loss = float(per_sample.mean().detach())
@@ -326,12 +375,18 @@ def forward_losses(
             projections["malicious" if mal else "benign"].append(score)
     if need_logits:
         assert batch.labels is not None
-        wanted = torch.tensor(wants_output, device=batch.labels.device)
-        # refusal CE on malicious rows (weight 1), lam * reference-answer CE on benign rows
-        for rows, weight in ((malicious, 1.0), (~malicious, config.lam)):
-            labels = batch.labels.masked_fill(~(rows & wanted)[:, None], IGNORE_INDEX)
+        all_labels = batch.labels.to(loss_device)
+        if not config.answer_eos:  # the reference's targets end without the EOS token
+            all_labels = drop_final_label(all_labels)
+        logits = output.logits.to(loss_device)
+        wanted = torch.tensor(wants_output, device=loss_device)
+        # refusal CE on malicious rows (weight 1 for the output-only variants, lam for the DA
+        # variants' drawn steps), lam * reference-answer CE on benign rows
+        malicious_weight = 1.0 if config.malicious_output else config.lam
+        for rows, weight in ((malicious, malicious_weight), (~malicious, config.lam)):
+            labels = all_labels.masked_fill(~(rows & wanted)[:, None], IGNORE_INDEX)
             if (labels != IGNORE_INDEX).any():
-                ce = answer_loss(output.logits, labels)
+                ce = answer_loss(logits, labels)
                 loss = loss + weight * ce
                 output_loss += weight * float(ce.detach())
     return StepOutput(loss, projection_loss, output_loss, projections)
@@ -395,7 +450,8 @@ def _run_fingerprint(
 ) -> str:
     payload = json.dumps(
         [config.to_json(), data.fingerprint(), adapter.info()["model_id"], prompt.canvas,
-         hashlib.sha256(prompt.delta.numpy().tobytes()).hexdigest()],
+         prompt.clamp,
+         hashlib.sha256(prompt.delta.cpu().numpy().tobytes()).hexdigest()],
         default=str,
     )  # fmt: skip
     return hashlib.sha256(payload.encode()).hexdigest()
@@ -504,6 +560,7 @@ def train(
                 [data.answers.get(r.id) for r in records],
                 config,
                 direction,
+                malicious_output=entry.malicious_output,
             )
             if not out.loss.requires_grad:  # nothing to learn from this batch (e.g. lam = 0)
                 history.append({"step": step + 1, "loss": float(out.loss), "skipped": True})
@@ -531,7 +588,8 @@ def train(
                 else:
                     optimizer.step()
                 if config.kind == "border":
-                    delta.clamp_(0, 1)
+                    if prompt.clamp:  # the reference never clamps (border_clamp=False)
+                        delta.clamp_(0, 1)
                 else:
                     delta.clamp_(-config.epsilon, config.epsilon)
             delta.grad = None
@@ -540,6 +598,7 @@ def train(
                 "loss": float(out.loss.detach()),
                 "projection_loss": out.projection_loss,
                 "output_loss": out.output_loss,
+                "malicious_output": entry.malicious_output,
                 "projection_malicious": _mean(out.projections["malicious"]),
                 "projection_benign": _mean(out.projections["benign"]),
                 "seconds": round(time.perf_counter() - tick, 3),
@@ -571,6 +630,7 @@ def train(
             "final_loss": history[-1]["loss"] if history else None,
             "losses": [h["loss"] for h in history],
         },
+        clamp=prompt.clamp, start=prompt.start,
     )  # fmt: skip
     return TrainResult(trained, history, snapshots, start_step, time.perf_counter() - began)
 
@@ -653,11 +713,12 @@ def training_records(
     ``harmless_train`` rendered the same way, so the two classes differ only in what the image
     says; ``n_mmvet`` MM-Vet questions (photos, reference answers) are added to the benign side.
     Held-out: ``harmful_val`` / ``harmless_val`` rendered the same way. Records whose id is in
-    ``exclude`` (e.g. the vector's data) are not used. ``root=None``: the built-in dataset is
-    split instead. Sizes are per class and reduced (with a note) to what exists.
+    ``exclude`` (e.g. the vector's data) are not used. Sizes are per class; from the mirror, a
+    size larger than what is left raises :class:`~davsp_lib.pools.PoolError` (never a silent
+    clamp). ``root=None``: the built-in dataset is split instead, sizes reduced with a note.
     """
     from davsp_lib.datasets import as_image_attack, load_builtin, load_mmvet, load_text_prompts
-    from davsp_lib.diagnostics import _clamp, _take
+    from davsp_lib.diagnostics import _clamp, _require, _take
     from davsp_lib.splits import make_splits
 
     notes: list[str] = []
@@ -683,13 +744,31 @@ def training_records(
         ("harmful_val", n_heldout, "heldout"), ("harmless_val", n_heldout, "heldout"),
     ):  # fmt: skip
         records = [r for r in load_text_prompts(root, split) if r.id not in skip]
-        count = _clamp(n, len(records), f"{split}", notes)
+        what = f"training data from text-prompts {split} ({len(skip)} ids excluded)"
+        count = _require(n, len(records), what)
         chosen[split] = list(as_image_attack(_take(records, count, seed, salt), "figstep"))
     benign = chosen["harmless_train"]
     if n_mmvet:
         mmvet = list(load_mmvet(root))
-        benign += _take(mmvet, _clamp(n_mmvet, len(mmvet), "MM-Vet", notes), seed, "train")
+        benign += _take(mmvet, _require(n_mmvet, len(mmvet), "MM-Vet training data"), seed, "train")
     return TrainingRecords(
         "text-prompts rendered FigStep-style (mirror)" + (" + MM-Vet" if n_mmvet else ""),
         chosen["harmful_train"], benign, chosen["harmful_val"], chosen["harmless_val"], notes,
     )  # fmt: skip
+
+
+def training_records_from_pools(pools: Pools, *, n_heldout: int, seed: int = 0) -> TrainingRecords:
+    """Notebook 02's records from a preset's pools (:mod:`davsp_lib.pools`): the whole training
+    pool, and ``n_heldout`` held-out records per class from the evaluation pool
+    (MM-SafetyBench TYPO malicious, MM-Vet benign) for the before/after projections."""
+    from davsp_lib.pools import take
+
+    train, held = pools["training"], pools["evaluation"]
+    return TrainingRecords(
+        f"{pools.spec} pools (mirror)",
+        train.malicious(),
+        train.benign(),
+        take(held, "MM-SafetyBench TYPO", n_heldout, seed=seed),
+        take(held, "MM-Vet", n_heldout, seed=seed),
+        notes=[f"substitution: {s}" for s in train.substitutions],
+    )

@@ -51,8 +51,9 @@ def transfer(prompt: VisualSafetyPrompt, adapter: VLMAdapter) -> VisualSafetyPro
         "method": "bilinear, antialiased resize of the [0, 1] pixels; ring width scaled, rounded",
     }
     moved = VisualSafetyPrompt(
-        moved.delta, moved.kind, moved.width, moved.epsilon, {**moved.metadata, "transfer": info}
-    )
+        moved.delta, moved.kind, moved.width, moved.epsilon, {**moved.metadata, "transfer": info},
+        moved.clamp, moved.start,
+    )  # fmt: skip
     moved.check_canvas(adapter)
     return moved
 

@@ -7,7 +7,10 @@ for any adapter and canvas size.
 - ``kind="border"`` (DAVSP): the user image is padded to a square with white (aspect ratio kept,
   as the reference does) and resized into the inner ``(H - 2p) x (W - 2p)`` window; the ring of
   width ``p`` is *replaced* by the border: ``x' = m * delta + (1 - m) * placed(x)``. Image pixels
-  are never perturbed. ``delta`` lives in ``[0, 1]`` and is clamped there after every step.
+  are never perturbed. ``delta`` starts white, black (``zeros``) or at the model's normalisation
+  mean (``mean``: zeros in normalised space, the reference's start), and is clamped to ``[0, 1]``
+  after every step unless ``clamp=False`` (the reference never clamps: its border may leave the
+  valid pixel range, and the adapter is then told to accept such pixels, see :func:`placer_for`).
 - ``kind="additive"`` (the DA-only ablation and the UniGuard baseline): the image fills the
   whole canvas and ``x' = clamp(x + delta, 0, 1)`` with ``|delta| <= epsilon``.
 
@@ -35,6 +38,8 @@ from davsp_lib.io import atomic_write_bytes, atomic_write_json, read_json
 VSP_FORMAT = "davsp-visual-safety-prompt/1"
 Kind = Literal["border", "additive"]
 KINDS: tuple[str, ...] = ("border", "additive")
+#: where an untrained border starts (see :func:`border_start`)
+STARTS: tuple[str, ...] = ("white", "zeros", "mean")
 
 
 class VSPMismatchError(ValueError):
@@ -55,8 +60,34 @@ def placer_for(prompt: VisualSafetyPrompt | None, adapter: VLMAdapter):
     embedded model, whose ring must stay clear for its border input).
     """
     if prompt is not None and prompt.kind == "border":
+        if not prompt.clamp:  # the composed canvas may leave [0, 1], as the reference's does
+            adapter.accept_unbounded_pixels()
         return prompt.place
     return adapter.prepare_image
+
+
+def normalisation_mean(adapter: VLMAdapter) -> torch.Tensor:
+    """The pixel value per channel that the adapter's normalisation maps to zero, ``[3]``.
+
+    Read through the public :meth:`VLMAdapter.normalize` (an affine map per channel): for
+    ``(x - m) / s``, ``m = -n(0) / (n(1) - n(0))``. An identity normalisation gives zeros.
+    """
+    height, width = adapter.image_size
+    zero = adapter.normalize(torch.zeros(1, 3, height, width))[0, :, 0, 0].float().cpu()
+    one = adapter.normalize(torch.ones(1, 3, height, width))[0, :, 0, 0].float().cpu()
+    return -zero / (one - zero)
+
+
+def border_start(adapter: VLMAdapter, start: str = "white") -> torch.Tensor:
+    """The untrained border ``[3, H, W]``: ``white`` (ones), ``zeros`` (black) or ``mean``."""
+    if start not in STARTS:
+        raise ValueError(f"border start must be one of {STARTS}, got {start!r}")
+    height, width = adapter.image_size
+    if start == "white":
+        return torch.ones(3, height, width)
+    if start == "zeros":
+        return torch.zeros(3, height, width)
+    return normalisation_mean(adapter).view(3, 1, 1).expand(3, height, width).clone()
 
 
 @dataclass
@@ -68,6 +99,10 @@ class VisualSafetyPrompt:
     width: int = 30
     epsilon: float | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: border kind: project delta to [0, 1] (False: the reference's unbounded border)
+    clamp: bool = True
+    #: border kind: where the untrained border started (recorded in the JSON metadata)
+    start: str = "white"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -82,6 +117,8 @@ class VisualSafetyPrompt:
                 )
         elif self.epsilon is None or not 0 < self.epsilon <= 1:
             raise ValueError(f"additive kind needs 0 < epsilon <= 1, got {self.epsilon!r}")
+        if self.start not in STARTS:
+            raise ValueError(f"start must be one of {STARTS}, got {self.start!r}")
         self.delta = self.delta.detach().to(torch.float32).clone()
         self.clamp_()
 
@@ -103,11 +140,13 @@ class VisualSafetyPrompt:
     @classmethod
     def for_adapter(
         cls, adapter: VLMAdapter, kind: Kind = "border", *, width: int | None = None,
-        epsilon: float = 16 / 255,
+        epsilon: float = 16 / 255, start: str = "white", clamp: bool = True,
     ) -> VisualSafetyPrompt:  # fmt: skip
-        """The untrained prompt of ``kind`` on the adapter's canvas (white border / zero noise)."""
+        """The untrained prompt of ``kind`` on the adapter's canvas: a border from ``start``
+        (:func:`border_start`), bounded to [0, 1] or not (``clamp``), or zero noise."""
         if kind == "border":
-            return cls.blank(adapter.image_size, default_width(adapter) if width is None else width)
+            width = default_width(adapter) if width is None else width
+            return cls(border_start(adapter, start), "border", width, None, {}, clamp, start)
         return cls.zero_noise(adapter.image_size, epsilon)
 
     def blank_like(self) -> VisualSafetyPrompt:
@@ -180,7 +219,8 @@ class VisualSafetyPrompt:
         """Project ``delta`` back to its valid set (in place): [0, 1], or [-eps, eps]."""
         with torch.no_grad():
             if self.kind == "border":
-                self.delta.clamp_(0, 1)
+                if self.clamp:
+                    self.delta.clamp_(0, 1)
             else:
                 eps = float(self.epsilon or 0)
                 self.delta.clamp_(-eps, eps)
@@ -200,7 +240,9 @@ class VisualSafetyPrompt:
             width = max(1, round(self.width * min(size) / min(self.canvas)))
         metadata = {**self.metadata, "resampled_from": {"canvas": list(self.canvas),
                                                         "width": self.width}}  # fmt: skip
-        return VisualSafetyPrompt(delta, self.kind, width, self.epsilon, metadata)
+        return VisualSafetyPrompt(
+            delta, self.kind, width, self.epsilon, metadata, self.clamp, self.start
+        )
 
     def to_image(self, background: float = 0.5) -> Image.Image:
         """The prompt alone as a PIL image (border: inner window grey; additive: 0.5 + delta)."""
@@ -208,8 +250,8 @@ class VisualSafetyPrompt:
             shown = (0.5 + self.delta / (2 * float(self.epsilon or 1))).clamp(0, 1)
         else:
             mask = self.mask()
-            shown = self.delta * mask + background * (1 - mask)
-        array = (shown.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+            shown = (self.delta * mask + background * (1 - mask)).clamp(0, 1)
+        array = (shown.permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy()
         return Image.fromarray(array)
 
     # -- files ---------------------------------------------------------------------------------
@@ -239,7 +281,10 @@ class VisualSafetyPrompt:
             "canvas": list(self.canvas),
             "width": self.width,
             "epsilon": self.epsilon,
-            "pixel_space": "[0, 1] before the model's normalisation",
+            "start": self.start if self.kind == "border" else None,
+            "clamp": self.clamp if self.kind == "border" else None,
+            "pixel_space": "[0, 1] before the model's normalisation"
+            + ("" if self.clamp or self.kind != "border" else " (unclamped: may leave [0, 1])"),
             "tensors": {"file": tensor_path.name, "sha256": hashlib.sha256(data).hexdigest()},
             "metadata": self.metadata,
         }
@@ -285,7 +330,8 @@ class VisualSafetyPrompt:
         try:
             prompt = cls(
                 delta, header["kind"], int(header["width"]), header.get("epsilon"),
-                dict(header.get("metadata") or {}),
+                dict(header.get("metadata") or {}), header.get("clamp") is not False,
+                header.get("start") or "white",
             )  # fmt: skip
         except (KeyError, ValueError, TypeError) as exc:
             raise DataError(json_path, f"invalid safety prompt header: {exc}") from None

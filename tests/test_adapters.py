@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import davsp_lib
 from davsp_lib.adapters import check_pixels, load_adapter
 from davsp_lib.adapters.base import IGNORE_INDEX
 from davsp_lib.adapters.tiny import build_tiny_llava, build_tiny_qwen2_vl, save_tiny
@@ -338,3 +342,46 @@ def test_qwen_native_resizing_option():
             canvas_option(processor, bad)
     tiny = build_tiny_qwen2_vl()
     assert tiny.native_image_size(1024, 1024) == (56, 56)  # the tiny model's max_pixels
+
+
+def _chain_has_cpu(node: ast.AST) -> bool:
+    """Whether a method chain (``a.b().c()...``) calls ``.cpu()`` somewhere."""
+    while isinstance(node, ast.Call | ast.Attribute | ast.Subscript):
+        if isinstance(node, ast.Call):
+            if isinstance(node.func, ast.Attribute) and node.func.attr == "cpu":
+                return True
+            node = node.func
+        else:
+            node = node.value
+    return False
+
+
+def _numpy_without_cpu(tree: ast.AST) -> list[int]:
+    """Lines where ``X.numpy()`` is called and ``X``'s chain never calls ``.cpu()``."""
+    return [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "numpy"
+        and not _chain_has_cpu(node.func.value)
+    ]
+
+
+def test_the_rule_catches_a_cuda_tensor_numpy_call():
+    assert _numpy_without_cpu(ast.parse("x = t.detach().numpy()")) == [1]
+    assert _numpy_without_cpu(ast.parse("x = t.detach().cpu().numpy()")) == []
+    assert _numpy_without_cpu(ast.parse("x = t.cpu().float().numpy()")) == []
+    assert _numpy_without_cpu(ast.parse("x = (t * 255).round().numpy()")) == [1]
+
+
+def test_every_tensor_to_numpy_in_the_library_goes_through_cpu():
+    """``.numpy()`` on a CUDA tensor raises: the embedded model failed on ``device="cuda"``
+    this way (its reader cache key). Every call in the package must move to the CPU first."""
+    package = Path(davsp_lib.__file__).parent
+    offenders = {
+        str(path.relative_to(package)): lines
+        for path in sorted(package.rglob("*.py"))
+        if (lines := _numpy_without_cpu(ast.parse(path.read_text(encoding="utf-8"))))
+    }
+    assert offenders == {}

@@ -108,3 +108,13 @@ def test_run_parameters_are_parsed_like_papermills_and_model_is_a_shorthand():
 def test_run_refuses_an_unknown_parameter(tmp_path, capsys):
     assert main(["run", "--out", str(tmp_path / "r"), "-p", "no_such_parameter", "1"]) == 2
     assert "no_such_parameter" in capsys.readouterr().err
+
+
+def test_recipe_prints_the_card_of_a_preset(capsys):
+    assert main(["recipe", "--preset", "paper"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "## Recipe card — preset `paper` against the DAVSP reference"
+    start = "mean (zeros in normalised space)"
+    assert f"| border start | {start} | {start} | same |" in lines
+    assert main(["recipe", "--preset", "nope"]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err

@@ -166,3 +166,23 @@ def test_study_data_from_the_mirror(shared_data):
     assert all(r.render is not None and r.render.style == "figstep" for r in data.hard)
     assert len(data.gap_text) == len(data.gap_image) == 4
     assert all(r.source == "builtin" for r in data.gap_text)
+
+
+def test_study_data_has_a_selection_split_apart_from_vector_and_held_out(shared_data):
+    data = study_data(shared_data, n_vector=5, n_heldout=4, n_gap=2, seed=1)
+    assert data.has_selection
+    assert data.sizes()["sel_easy"] == {"malicious": 4, "benign": 0}
+    assert data.sizes()["sel_benign"] == {"malicious": 0, "benign": 4}
+    assert {r.meta["split"] for r in data.sel_easy} == {"harmful_train"}
+    chosen_on = {r.group_key for r in data.sel_easy + data.sel_benign}
+    reported = {r.group_key for r in data.easy + data.benign_text + data.vector}
+    assert not chosen_on & reported
+    assert all(r.render is not None for r in data.sel_hard + data.sel_benign_image)
+
+
+def test_study_data_refuses_more_than_the_mirror_holds(shared_data):
+    from davsp_lib.pools import PoolError
+
+    with pytest.raises(PoolError, match=r"selection split from text-prompts harmful_train .*"
+                       r"40 requested, only \d+ available"):  # fmt: skip
+        study_data(shared_data, n_vector=240, n_heldout=40, n_gap=2, seed=0)

@@ -31,6 +31,9 @@ def test_report_shows_each_notebooks_table(tmp_path):
     assert "## 03_evaluation.ipynb" in report
     assert "| DAVSP | 50 |" in report and "| no defense | 0 |" in report
     assert "| 04_intervention.ipynb | skipped |" in report
+    # every report ends with the preset's recipe card
+    assert "## Recipe card — preset `smoke` against the DAVSP reference" in report
+    assert "| malicious output-loss p | 0.05 | 0 |" in report
 
 
 def test_presets_name_only_existing_notebooks():

@@ -214,3 +214,132 @@ def test_variants_train_the_right_kind(tiny, tmp_path, variant):
     if not cfg.uses_projection:
         assert all(h["projection_malicious"] is None for h in result.history)
         assert result.history[0]["output_loss"] > 0
+
+
+# ------------------------------------------------------------------------------ issue 16 items
+
+
+def test_malicious_output_steps_are_drawn_with_p_in_the_seeded_plan():
+    cfg = TrainConfig(
+        layer=1, mu_plus=1.0, mu_minus=0.0, steps=4000, batch_size=2, schedule="random",
+        malicious_output_p=0.05,
+    )  # fmt: skip
+    plan = batch_plan(cfg, 10, 10)
+    coins = training.malicious_output_coins(cfg)
+    flagged = [s.malicious_output for s in plan]
+    assert flagged == [bool(s.malicious) and c < 0.05 for s, c in zip(plan, coins, strict=True)]
+    assert not any(s.malicious_output for s in plan if not s.malicious)
+    malicious_steps = sum(bool(s.malicious) for s in plan)
+    assert 0.04 < sum(flagged) / malicious_steps < 0.06
+    assert batch_plan(cfg, 10, 10) == plan  # resume replays the same draws
+    # the draws do not move the batches
+    plain = batch_plan(TrainConfig(**{**cfg.to_json(), "malicious_output_p": 0.0}), 10, 10)
+    assert [(s.malicious, s.benign) for s in plain] == [(s.malicious, s.benign) for s in plan]
+    assert not any(s.malicious_output for s in plain)
+    # the output-only variants always train the refusal: no extra draw
+    output_only = TrainConfig(**{**cfg.to_json(), "variant": "vsp_output"})
+    assert not any(s.malicious_output for s in batch_plan(output_only, 10, 10))
+    with pytest.raises(ValueError, match="malicious_output_p must be in"):
+        TrainConfig(layer=1, mu_plus=1.0, mu_minus=0.0, malicious_output_p=1.5)
+
+
+def test_drawn_malicious_output_adds_lam_times_the_refusal_loss(tiny):
+    adapter, vector, data, margins = tiny
+    cfg = config(margins, lam=0.5)
+    direction = vector.direction(LAYER, dtype=torch.float32)
+    records = data.malicious[:2]
+    images = torch.stack([data.canvases[r.id] for r in records])
+    args = (
+        adapter, images, [data.conversations[r.id] for r in records], [True, True],
+        [data.answers[r.id] for r in records], cfg, direction,
+    )  # fmt: skip
+    with torch.no_grad():
+        plain = training.forward_losses(*args)
+        drawn = training.forward_losses(*args, malicious_output=True)
+        batch = adapter.encode(images, args[2], [training.REFUSAL_TARGET] * 2)
+        logits = adapter.forward(batch, use_cache=False).logits
+        ce = F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1),
+            ignore_index=-100,
+        )  # fmt: skip
+    assert plain.output_loss == 0.0
+    assert drawn.projection_loss == pytest.approx(plain.projection_loss, abs=1e-6)
+    assert drawn.output_loss == pytest.approx(0.5 * float(ce), rel=1e-4)
+    assert float(drawn.loss) == pytest.approx(plain.projection_loss + 0.5 * float(ce), rel=1e-4)
+
+
+def test_targets_without_eos_drop_each_rows_last_supervised_token():
+    labels = torch.tensor([[-100, 5, 6, 2], [-100, -100, 7, 2], [-100, -100, -100, -100]])
+    assert training.drop_final_label(labels).tolist() == [
+        [-100, 5, 6, -100],
+        [-100, -100, 7, -100],
+        [-100, -100, -100, -100],
+    ]
+
+
+def test_mmvet_scoring_markers_never_reach_a_target():
+    assert training.target_text("1.25<OR>=1.25<OR>5/4") == "1.25"
+    assert training.target_text("-1<AND>-5") == "-1, -5"
+    assert training.target_text("a cat <AND> a dog<OR>two pets") == "a cat, a dog"
+    assert training.target_text("A plain answer.") == "A plain answer."
+
+
+def test_mmvet_references_are_stripped_in_the_training_set(shared_data):
+    adapter = build_tiny_llava()
+    mmvet = [r for r in datasets.load_mmvet(shared_data) if "<OR>" in (r.reference or "")][:2]
+    prompt = VisualSafetyPrompt.blank(adapter.image_size, WIDTH)
+    data = training.prepare_training_set(adapter, prompt, [], mmvet, progress=False)
+    for record in mmvet:
+        assert data.answers[record.id] == record.reference.split("<OR>")[0]
+        assert "<" not in data.answers[record.id]
+
+
+def _split_map(first: str, second: str) -> dict[str, str]:
+    """The tiny LLaVA split in two: vision, projector and the first two layers on ``first``."""
+    return {
+        "model.vision_tower": first,
+        "model.multi_modal_projector": first,
+        "model.language_model.embed_tokens": first,
+        "model.language_model.layers.0": first,
+        "model.language_model.layers.1": first,
+        "model.language_model.layers.2": second,
+        "model.language_model.layers.3": second,
+        "model.language_model.norm": second,
+        "model.language_model.rotary_emb": second,
+        "lm_head": second,
+    }
+
+
+DEVICE_PAIRS = [("cpu", "cpu")] + ([("cuda:0", "cuda:1")] if torch.cuda.device_count() >= 2 else [])
+
+
+@pytest.mark.parametrize("devices", DEVICE_PAIRS, ids=lambda d: "+".join(d))
+def test_losses_of_a_model_split_over_two_devices_land_on_one(tiny, tmp_path, devices):
+    """A device_map dict splits the model (accelerate's hooks move activations between parts);
+    on two GPUs the hidden state of layer 2 and the logits live on the second one. The loss
+    terms must land on ``adapter.device`` and equal the unsplit model's."""
+    from davsp_lib.adapters import load_adapter
+    from davsp_lib.adapters.tiny import save_tiny
+
+    adapter, vector, data, margins = tiny
+    save_tiny(adapter, tmp_path / "tiny")
+    split = load_adapter(str(tmp_path / "tiny"), dtype="float32", device_map=_split_map(*devices))
+    assert {str(p.device) for p in split.model.parameters()} == set(devices)
+    cfg = config(margins, lam=0.5)
+    records = [data.malicious[0], data.benign[0]]
+    images = torch.stack([data.canvases[r.id] for r in records])
+
+    def losses(model):
+        direction = vector.direction(LAYER, dtype=torch.float32, device=model.device)
+        return training.forward_losses(
+            model, images.to(model.device), [data.conversations[r.id] for r in records],
+            [True, False], [data.answers[r.id] for r in records], cfg, direction,
+            malicious_output=True,
+        )  # fmt: skip
+
+    with torch.no_grad():
+        reference, out = losses(adapter), losses(split)
+    assert out.loss.device == split.device
+    assert out.projection_loss == pytest.approx(reference.projection_loss, rel=1e-4)
+    assert out.output_loss == pytest.approx(reference.output_loss, rel=1e-4)
+    assert out.output_loss > 0

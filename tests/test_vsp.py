@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from davsp_lib import vsp
 from davsp_lib.adapters.base import pad_to_square
 from davsp_lib.adapters.tiny import build_tiny_llava
 from davsp_lib.errors import DataError
@@ -116,3 +117,45 @@ def test_to_image_shows_the_border():
     shown = vsp.to_image()
     assert shown.size == CANVAS[::-1]
     assert shown.getpixel((0, 0)) == (0, 0, 0) and shown.getpixel((24, 24)) == (128, 128, 128)
+
+
+# ------------------------------------------------------------------------------ start and bound
+
+
+def test_border_starts_white_black_or_at_the_normalisation_mean():
+    adapter = build_tiny_llava()
+    mean = torch.tensor(adapter.processor.image_processor.image_mean)
+    assert torch.allclose(vsp.normalisation_mean(adapter), mean, atol=1e-6)
+    for start, expected in (("white", torch.ones(3)), ("zeros", torch.zeros(3)), ("mean", mean)):
+        prompt = VisualSafetyPrompt.for_adapter(adapter, width=8, start=start)
+        assert prompt.start == start
+        assert torch.allclose(prompt.delta, expected.view(3, 1, 1).expand_as(prompt.delta))
+    # the reference's start: zeros in the model's normalised space
+    prompt = VisualSafetyPrompt.for_adapter(adapter, width=8, start="mean")
+    assert adapter.normalize(prompt.delta[None]).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="border start must be one of"):
+        VisualSafetyPrompt.for_adapter(adapter, width=8, start="grey")
+
+
+def test_unclamped_border_keeps_values_outside_the_pixel_range_and_the_adapter_accepts_them(
+    tmp_path,
+):
+    adapter = build_tiny_llava()
+    delta = torch.full((3, *adapter.image_size), 1.5)
+    clamped = VisualSafetyPrompt(delta, "border", 8)
+    assert clamped.delta.max() == 1.0 and clamped.clamp
+    free = VisualSafetyPrompt(delta, "border", 8, clamp=False, start="mean")
+    assert free.delta.max() == 1.5
+    image = torch.rand(3, 20, 30)
+    composed = free.apply(free.place(image)[None])
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        adapter.to_canvas(composed)
+    placer = vsp.placer_for(free, adapter)  # using an unclamped border tells the adapter
+    assert placer(image).shape == composed.shape[1:] and not adapter.pixels_bounded
+    assert adapter.to_canvas(composed).max() == 1.5
+    free.save(tmp_path / "free")
+    header = json.loads((tmp_path / "free.json").read_text())
+    assert (header["start"], header["clamp"]) == ("mean", False)
+    loaded = VisualSafetyPrompt.load(tmp_path / "free")
+    assert (loaded.start, loaded.clamp, float(loaded.delta.max())) == ("mean", False, 1.5)
+    assert build_tiny_llava().pixels_bounded  # a fresh adapter still guards the pixel range

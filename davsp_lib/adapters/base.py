@@ -8,6 +8,7 @@ torch, so gradients flow back to the pixels (and so to a border drawn on them).
 from __future__ import annotations
 
 import functools
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,8 +43,9 @@ class EncodedBatch:
         return int(self.last_input_index.shape[0])
 
 
-def check_pixels(images: torch.Tensor, expected_channels: int = 3) -> None:
-    """Refuse anything that is not a float ``[B, C, H, W]`` tensor in ``[0, 1]``."""
+def check_pixels(images: torch.Tensor, expected_channels: int = 3, *, bounded: bool = True) -> None:
+    """Refuse anything that is not a float ``[B, C, H, W]`` tensor in ``[0, 1]`` (any finite
+    values when ``bounded`` is False: an unclamped safety-prompt border)."""
     if (
         not isinstance(images, torch.Tensor)
         or images.ndim != 4
@@ -56,6 +58,10 @@ def check_pixels(images: torch.Tensor, expected_channels: int = 3) -> None:
     if not images.is_floating_point():
         raise ValueError(f"images must be floating point in [0, 1], got dtype {images.dtype}")
     low, high = float(images.detach().min()), float(images.detach().max())
+    if not bounded:
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError(f"images must be finite, got range [{low}, {high}]")
+        return
     if low < -1e-6 or high > 1 + 1e-6:
         raise ValueError(
             f"images must lie in [0, 1] (pixel space), got range [{low:.4f}, {high:.4f}]"
@@ -160,13 +166,22 @@ class VLMAdapter(ABC):
             pad_to_square(image)[None], size=self.image_size, mode="bilinear", antialias=True
         )[0].clamp(0, 1)
 
+    #: False once a border that may leave [0, 1] is used (:meth:`accept_unbounded_pixels`)
+    pixels_bounded: bool = True
+
+    def accept_unbounded_pixels(self) -> None:
+        """Accept canvases outside [0, 1] from now on: the reference's border is never clamped,
+        so its values reach the normalisation as they are."""
+        self.pixels_bounded = False
+
     def to_canvas(self, images: torch.Tensor) -> torch.Tensor:
         """Check the pixel contract and resize (bilinear, differentiable) to ``image_size``."""
-        check_pixels(images)
+        check_pixels(images, bounded=self.pixels_bounded)
         if tuple(images.shape[-2:]) != self.image_size:
             images = nn.functional.interpolate(
                 images, size=self.image_size, mode="bilinear", align_corners=False, antialias=False
-            ).clamp(0, 1)
+            )
+            images = images.clamp(0, 1) if self.pixels_bounded else images
         return images
 
     @abstractmethod

@@ -172,7 +172,8 @@ class EmbeddedAdapter(VLMAdapter):
     def read_text(self, canvas: torch.Tensor) -> str:
         """What the reading path perceives in the inner window (cached by pixel content)."""
         window = self.inner_window(canvas.detach()).clamp(0, 1)
-        key = hashlib.sha1((window * 255).round().to(torch.uint8).numpy().tobytes()).hexdigest()
+        pixels = (window * 255).round().to(torch.uint8).cpu().numpy()
+        key = hashlib.sha1(pixels.tobytes()).hexdigest()
         if key in self._ocr_cache:
             self._ocr_cache.move_to_end(key)
             return self._ocr_cache[key]

@@ -9,8 +9,10 @@ DAVSP supervises a frozen model in activation space. For malicious and benign in
 the hidden state of the **last input token** at layer `l`, takes
 `v_l = unit(mean_malicious - mean_benign)`, and later trains the border so that the projection
 `s(x) = v_l · h_l(x)` of malicious inputs rises above `mu_plus` while benign ones stay below
-`mu_minus`. The paper fixes layer 20 of 40 and margins 27 / -2 for LLaVA-1.5-13B; here the layer
-and the margins are read off held-out data, so they fit whichever model is loaded.
+`mu_minus`. The paper fixes layer 20 of 40 and margins 27 / -2 for LLaVA-1.5-13B. Both choices
+are offered (`layer_choice`): the reference values, or a layer and margins read off a
+**selection split** (never the held-out split whose AUROC is reported), so that they fit
+whichever model is loaded; the other choice is always computed and reported beside.
 
 This notebook extracts activations at every requested layer (one batched, truncated forward per
 batch: the forward stops after the deepest requested layer), fits the vector, scores it per
@@ -38,6 +40,14 @@ vector (safetensors + JSON) for the training notebook.
   the modality gap.
 - Without the benchmark mirror, the built-in dataset is split instead (per class, seeded,
   group-aware) and the modality-gap set is its held-out part.
+- **Selection split** (chooses the layer and the margins): further `harmful_train` /
+  `harmless_train` instructions the vector did not use (text over a blank image, and rendered
+  FigStep-style), plus the topic-matched pairs. The held-out split is only reported.
+- **`pools="paper"`** replaces all of the above by the paper's disjoint pools
+  (`davsp_lib.pools`): vector = VLGuard 470 + 470 instructions (text over a blank image: the
+  mirror has no VLGuard images), selection = 100 + 100 more VLGuard and 100 MM-SafetyBench
+  TYPO images, held-out = `n_heldout` per part of the evaluation pool (VLGuard test text,
+  MM-SafetyBench TYPO, MM-Vet). A pool that cannot supply what is asked is an error.
 - The DAVSP text safety prefix is in every prompt (`safety_prefix`), as in the reference
   extraction script (`vector/extract_hs.py` prepends it), since the vector is used with it.
 """),
@@ -48,6 +58,8 @@ dtype: str = "auto"  # model dtype: auto, float32, bfloat16, float16
 device: str = ""  # empty: the default (CPU); e.g. cuda
 data_root: str = ""  # benchmark mirror; "": $DAVSP_DATA_ROOT, else ../shared/data
 use_mirror: bool = True  # False: only the built-in dataset written by the project
+pools: str = ""  # "paper": the paper's disjoint data pools (davsp_lib.pools); "": splits below
+layer_choice: str = "data"  # "data": from the selection split; "reference": 20 of 40, 27 / -2
 n_vector: int = 48  # records per class in the vector split
 n_heldout: int = 32  # records per class held out (each also rendered FigStep-style)
 n_gap: int = 32  # built-in topic-matched instructions per class (max 40)
@@ -69,7 +81,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from davsp_lib import datasets, diagnostics, plots, prompts, vectors
+from davsp_lib import datasets, diagnostics, plots, prompts, recipe, vectors
+from davsp_lib import pools as pools_lib
 from davsp_lib import notebook as nb
 from davsp_lib.adapters import load_adapter
 from davsp_lib.errors import DataError
@@ -78,6 +91,8 @@ nb.check_common(
     model=model, dtype=dtype, device=device, data_root=data_root, use_mirror=use_mirror,
     batch_size=batch_size, seed=seed,
 )
+nb.check("pools", pools, str, choices=["", *pools_lib.PRESET_POOLS])
+nb.check("layer_choice", layer_choice, str, choices=list(recipe.LAYER_CHOICES))
 nb.check("n_vector", n_vector, int, minimum=2)
 nb.check("n_heldout", n_heldout, int, minimum=2)
 nb.check("n_gap", n_gap, int, minimum=1)
@@ -90,7 +105,8 @@ nb.check("interactive", interactive, bool)
 output_dir, figures_dir = Path(output_dir), Path(figures_dir)
 parameters = dict(
     model=model, dtype=dtype, device=device, data_root=data_root, use_mirror=use_mirror,
-    n_vector=n_vector, n_heldout=n_heldout, n_gap=n_gap, layers=layers,
+    pools=pools, layer_choice=layer_choice, n_vector=n_vector, n_heldout=n_heldout, n_gap=n_gap,
+    layers=layers,
     safety_prefix=safety_prefix, tolerance=tolerance, q_plus=q_plus, q_minus=q_minus,
     batch_size=batch_size, interactive=interactive, seed=seed,
 )
@@ -105,9 +121,18 @@ print(f"{model_id}: {adapter.num_layers} layers x {adapter.hidden_size}; layers 
 """),
     ("code", """
 mirror_root = nb.mirror_root(use_mirror, data_root)
-data = diagnostics.study_data(
-    mirror_root, n_vector=n_vector, n_heldout=n_heldout, n_gap=n_gap, seed=seed
-)
+pool_info = None
+if pools:
+    drawn = pools_lib.build_pools(mirror_root, pools, seed=seed)
+    pool_info = drawn.to_json(ids=False)
+    data = diagnostics.study_data_from_pools(drawn, n_heldout=n_heldout, n_gap=n_gap, seed=seed)
+    print(f"{pools} pools (n_vector ignored):", pool_info["counts"])
+    for substitution in data.substitutions:
+        print("substitution:", substitution)
+else:
+    data = diagnostics.study_data(
+        mirror_root, n_vector=n_vector, n_heldout=n_heldout, n_gap=n_gap, seed=seed
+    )
 for note in data.notes:
     print("note:", note)
 safety = None
@@ -137,7 +162,8 @@ for name, records in data.parts().items():
 print({name: f"{len(a)} records, {seconds[name]} s" for name, a in acts.items()})
 vector = vectors.fit_vector(
     acts["vector"],
-    metadata={"seed": seed, "data_source": data.source, "safety_prefix": safety_prefix},
+    metadata={"seed": seed, "data_source": data.source, "safety_prefix": safety_prefix,
+              "pools": pool_info},
 )
 print("||mean_mal - mean_ben|| per layer:",
       [round(x, 2) for x in vector.metadata["mean_difference_norm"]])
@@ -195,13 +221,13 @@ if interactive:
     ("md", """
 ## Which layer
 
-Per layer, the held-out AUROC of the projection (malicious positive) and Cohen's d, for the
-held-out split and for the topic-matched built-in pairs. The layer is chosen on the **worst
-case** of the two (a layer must separate harm from benign on the same topic too, not just the
-two styles of the text-prompt splits), and it is the **earliest** layer within `tolerance` of
-the best worst-case AUROC: a DAVSP step only runs the model up to that layer, so earlier is
-cheaper, and a layer that separates as well supervises as well. The FigStep curve (not used for
-the choice: those are the inputs the border must fix) shows how the image attack is seen.
+Per layer, the AUROC of the projection (malicious positive) and Cohen's d. The data-driven
+layer is chosen on the **selection split** only: the **worst case** of its easy malicious vs
+benign AUROC and of the topic-matched built-in pairs (a layer must separate harm from benign on
+the same topic too), and it is the **earliest** layer within `tolerance` of the best worst-case
+AUROC: a DAVSP step only runs the model up to that layer, so earlier is cheaper. The held-out
+curves are reported, never used to choose. The reference layer (20 of 40, at the same relative
+depth for another model) is shown beside; `layer_choice` says which one is used.
 """),
     ("code", """
 easy_heldout = vectors.concat_activations([acts["easy"], acts["benign_text"]])
@@ -209,19 +235,32 @@ hard_heldout = vectors.concat_activations([acts["hard"], acts["benign_image"]])
 report = diagnostics.layer_report(vector, easy_heldout)
 paired_report = diagnostics.layer_report(vector, acts["gap_text"])
 hard_report = diagnostics.layer_report(vector, hard_heldout)
-selection = diagnostics.worst_case([report, paired_report])
-chosen = diagnostics.choose_layer(selection, tolerance)
-for name, rep in (("held-out split", report), ("topic-matched pairs", paired_report),
-                  ("worst case", selection)):
+if data.has_selection:  # the no-mirror fallback has no selection split: its held-out chooses
+    sel_report = diagnostics.layer_report(
+        vector, vectors.concat_activations([acts["sel_easy"], acts["sel_benign"]])
+    )
+else:
+    sel_report = report
+    print("note: no selection split (built-in data): the held-out split chooses the layer")
+selection = diagnostics.worst_case([sel_report, paired_report])
+data_layer = diagnostics.choose_layer(selection, tolerance)
+reference = recipe.reference_choice(adapter.num_layers)
+if layer_choice == "reference" and reference.layer not in layer_list:
+    raise nb.ParameterError(f"the reference layer {reference.layer} is not in 'layers'")
+chosen = data_layer if layer_choice == "data" else reference.layer
+print(f"data-driven layer {data_layer}; {reference.source}; using {layer_choice}: {chosen}")
+for name, rep in (("selection split", sel_report), ("topic-matched pairs", paired_report),
+                  ("worst case", selection), ("held-out (reported)", report)):
     print(f"{name:>19}: best AUROC {max(rep.auroc):.4f} at layer {rep.best_layer}, "
           f"{rep.at(chosen)['auroc']:.4f} at the chosen layer {chosen}")
 fig = plots.layer_auroc(
     report.layers,
     {
-        "worst case of the two below (used to choose)": selection.auroc,
-        "held-out split: easy malicious vs benign": report.auroc,
+        "worst case of selection split and pairs (chooses)": selection.auroc,
+        "selection split: easy malicious vs benign": sel_report.auroc,
+        "held-out split: easy malicious vs benign (reported)": report.auroc,
         "topic-matched built-in pairs (text)": paired_report.auroc,
-        "hard malicious vs benign (both FigStep)": hard_report.auroc,
+        "hard malicious vs benign (held-out images)": hard_report.auroc,
     },
     chosen=chosen,
     tolerance=tolerance,
@@ -232,29 +271,41 @@ nb.save_figure(fig, figures_dir, "layer_auroc")
     ("md", """
 ## Margins and the easy/hard gap at the chosen layer
 
-`mu_plus` = median projection of held-out easy malicious inputs (where an input the model
-refuses lives); `mu_minus` = 0.9-quantile of held-out benign inputs, both formats pooled
-(benign inputs stay where they are). Hard malicious inputs (FigStep) should sit below
-`mu_plus`: the distance is what the border has to move them.
+Data-driven margins, from the **selection split** at the data-driven layer: `mu_plus` = median
+projection of its easy malicious inputs (where an input the model refuses lives); `mu_minus` =
+0.9-quantile of its benign inputs, both formats pooled (benign inputs stay where they are). The
+reference margins are 27 / -2 (LLaVA-1.5-13B's scale). Hard malicious inputs should sit below
+`mu_plus`: the distance is what the border has to move them (shown on the held-out split).
 """),
     ("code", """
-scores = {name: vector.project(a, chosen).numpy() for name, a in acts.items()}
+scores = {name: vector.project(a, chosen).cpu().numpy() for name, a in acts.items()}
 benign_all = np.concatenate([scores["benign_text"], scores["benign_image"]])
 sep = diagnostics.separation(scores["easy"], scores["hard"], benign_all)
 within_format = {
     "easy_vs_benign_text": diagnostics.auroc(scores["easy"], scores["benign_text"]),
     "hard_vs_benign_image": diagnostics.auroc(scores["hard"], scores["benign_image"]),
 }
+# the data-driven margins come from the selection split (held-out parts without one)
+margin_parts = (
+    {"easy": "sel_easy", "hard": "sel_hard", "benign": ["sel_benign", "sel_benign_image"]}
+    if data.has_selection
+    else {"easy": "easy", "hard": "hard", "benign": ["benign_text", "benign_image"]}
+)
+at_data = {name: vector.project(a, data_layer).cpu().numpy() for name, a in acts.items()}
 try:
-    margins = diagnostics.suggest_margins(
-        scores["easy"], benign_all, scores["hard"], q_plus=q_plus, q_minus=q_minus
+    data_margins = diagnostics.suggest_margins(
+        at_data[margin_parts["easy"]],
+        np.concatenate([at_data[k] for k in margin_parts["benign"] if k in at_data]),
+        at_data[margin_parts["hard"]], q_plus=q_plus, q_minus=q_minus,
     )
     margin_error = None
 except ValueError as error:
-    margins, margin_error = None, str(error)
-    print("no margins:", error)
+    data_margins, margin_error = None, str(error)
+    print("no data-driven margins:", error)
+margins = data_margins if layer_choice == "data" else (reference.mu_plus, reference.mu_minus)
 print(sep)
-print("within format:", within_format, "margins:", margins)
+print("within format:", within_format, "data-driven margins:", data_margins,
+      "reference margins:", (reference.mu_plus, reference.mu_minus), "used:", margins)
 fig = plots.projection_histograms(
     {
         "easy malicious": scores["easy"],
@@ -303,7 +354,15 @@ prompt template, token position, data ids, seed, and the choices made here). Rel
 adapter to check the round trip and that it matches this model.
 """),
     ("code", """
+data_choice = {
+    "layer": data_layer,
+    "mu_plus": None if data_margins is None else data_margins[0],
+    "mu_minus": None if data_margins is None else data_margins[1],
+    "source": "earliest layer within tolerance of the best worst-case AUROC (selection split, "
+    "topic-matched pairs); margins: quantiles of the selection split at that layer",
+}
 vector.metadata["diagnostics"] = {
+    "layer_choice": layer_choice,
     "chosen_layer": chosen,
     "tolerance": tolerance,
     "mu_plus": None if margins is None else margins[0],
@@ -312,8 +371,10 @@ vector.metadata["diagnostics"] = {
     "q_minus": q_minus,
     "heldout_auroc_at_chosen": report.at(chosen)["auroc"],
     "paired_auroc_at_chosen": paired_report.at(chosen)["auroc"],
-    "selection": "earliest layer within tolerance of the best worst-case AUROC "
-    "(held-out split, topic-matched pairs)",
+    "selection_auroc_at_chosen": sel_report.at(chosen)["auroc"],
+    "data_choice": data_choice,
+    "reference_choice": reference.to_json(),
+    "selection": data_choice["source"] if layer_choice == "data" else reference.source,
 }
 tensor_file, json_file = vector.save(output_dir / "harmfulness_vector")
 reloaded = vectors.HarmfulnessVector.load(output_dir / "harmfulness_vector", adapter=adapter)
@@ -332,7 +393,12 @@ results = {
     "layer_report_paired": paired_report.to_json(),
     "layer_report_selection": selection.to_json(),
     "layer_report_hard": hard_report.to_json(),
+    "pools": pool_info,
+    "layer_choice": layer_choice,
     "chosen_layer": chosen,
+    "data_choice": data_choice,
+    "reference_choice": reference.to_json(),
+    "layer_report_selection_split": sel_report.to_json(),
     "best_layer": report.best_layer,
     "margins": None if margins is None else {"mu_plus": margins[0], "mu_minus": margins[1]},
     "margin_error": margin_error,
@@ -349,10 +415,12 @@ margin_text = (
 headline = (
     f"{model_id}, vector from {data.sizes()['vector']['malicious']}+"
     f"{data.sizes()['vector']['benign']} {data.source} instructions (text over a blank image), "
-    f"no judge (activation statistics): chosen layer {chosen} (held-out AUROC "
+    f"no judge (activation statistics): layer {chosen} ({layer_choice}; data-driven "
+    f"{data_layer}, reference {reference.layer}) (held-out AUROC "
     f"{report.at(chosen)['auroc']:.3f}, topic-matched pairs "
     f"{paired_report.at(chosen)['auroc']:.3f}); "
-    f"AUROC against all held-out benign there: easy {sep.auroc_easy:.3f}, FigStep hard "
+    f"AUROC against all held-out benign there: easy {sep.auroc_easy:.3f}, "
+    f"hard image attack ({data.hard[0].source}) "
     f"{sep.auroc_hard:.3f} (gap {sep.auroc_gap:+.3f}); {margin_text}"
 )
 nb.write_results(output_dir / "results.json", notebook="01_harmfulness_vector",

@@ -7,8 +7,11 @@ CELLS = [
 
 The model stays frozen; only a border of width `p` around every input image trains. The user
 image is padded to a square (white) and resized into the inner window; the border replaces the
-ring around it (image pixels are never perturbed). The border lives in pixel space [0, 1] and is
-clamped there after every step; the model's own normalisation is applied after composition.
+ring around it (image pixels are never perturbed). The border lives in pixel space; it starts
+white, black or at the model's normalisation mean (`border_start`; the reference: the mean,
+i.e. zeros in normalised space) and is clamped to [0, 1] after every step or not
+(`border_clamp`; the reference never clamps). The model's own normalisation is applied after
+composition.
 
 Loss per step (one forward serves both terms):
 
@@ -16,7 +19,10 @@ Loss per step (one forward serves both terms):
   the harmfulness vector from notebook 01: malicious inputs above `mu_plus`, benign below
   `mu_minus`;
 - **output loss** — `lam` × cross-entropy of the benign reference answers (where a dataset has
-  none: the model's own undefended answers), so benign behaviour is kept.
+  none: the model's own undefended answers), so benign behaviour is kept; with probability
+  `malicious_output_p` (reference 0.05, drawn in the seeded batch plan) a malicious batch also
+  gets it, on a refusal target. `answer_eos=False` leaves the end-of-sequence token out of the
+  targets, as the reference does; MM-Vet's `<AND>`/`<OR>` scoring markers never reach a target.
 
 A step that needs only the projection stops the forward at layer `l`. The same code trains the
 ablations and the UniGuard baseline that notebook 03 compares: `da_noise` (DA with additive noise
@@ -30,12 +36,14 @@ model: str = "tiny"  # "tiny"/"small" (embedded default) or a LLaVA-1.5 / Qwen2-
 dtype: str = "auto"  # model dtype: auto, float32, bfloat16, float16 (losses are float32)
 device: str = ""  # empty: CUDA when available, else CPU
 vector_path: str = "runs/interactive/01_harmfulness_vector/harmfulness_vector"  # from notebook 01
-layer: int = -1  # -1: the layer chosen in notebook 01
+layer_choice: str = "data"  # "data" / "reference": which of notebook 01's recorded choices
+layer: int = -1  # -1: the layer of layer_choice recorded in notebook 01
 margins_from_vector: bool = True  # mu_plus / mu_minus from notebook 01's diagnostics
 mu_plus: float = 0.0  # used when margins_from_vector is False
 mu_minus: float = 0.0  # used when margins_from_vector is False
 data_root: str = ""  # benchmark mirror; "": $DAVSP_DATA_ROOT, else ../shared/data
 use_mirror: bool = True  # False: the built-in dataset only
+pools: str = ""  # "paper": the paper's training pool (davsp_lib.pools; n_train/n_mmvet unused)
 n_train: int = 32  # training records per class
 n_heldout: int = 16  # held-out records per class (projections before/after)
 n_mmvet: int = 0  # MM-Vet photos added to the benign training side (reference answers)
@@ -47,6 +55,10 @@ batch_size: int = 4
 optimizer: str = "adam"  # "adam" or "sign" (the reference's signed gradient)
 lr: float = 0.05  # Adam learning rate, or the signed step in [0, 1] pixel units (ref.: 1/255)
 lam: float = 0.02  # weight of the output loss (reference 0.02)
+malicious_output_p: float = 0.0  # P(a malicious batch also gets the output loss) (ref. 0.05)
+answer_eos: bool = True  # train the EOS token after each target (the reference does not)
+border_start: str = "white"  # "white", "zeros" (black) or "mean" (the reference)
+border_clamp: bool = True  # clamp the border to [0, 1] (the reference never clamps)
 schedule: str = "alternate"  # "alternate", "mix" or "random" (the reference: a fair coin per step)
 width: int = 0  # border width p in canvas pixels; 0: the model's default (30 on 336 px)
 epsilon: float = 0.0627  # bound of the additive variants (16/255, UniGuard's)
@@ -66,6 +78,7 @@ import torch
 
 from davsp_lib import notebook as nb
 from davsp_lib import plots, prompts, training, vectors
+from davsp_lib import pools as pools_lib
 from davsp_lib.adapters import load_adapter
 from davsp_lib.vsp import VisualSafetyPrompt, default_width
 
@@ -73,6 +86,12 @@ nb.check_common(
     model=model, dtype=dtype, device=device, vector_path=vector_path, data_root=data_root,
     use_mirror=use_mirror, batch_size=batch_size, seed=seed,
 )
+nb.check("layer_choice", layer_choice, str, choices=["data", "reference"])
+nb.check("pools", pools, str, choices=["", *pools_lib.PRESET_POOLS])
+nb.check("malicious_output_p", malicious_output_p, float, minimum=0.0, maximum=1.0)
+nb.check("answer_eos", answer_eos, bool)
+nb.check("border_start", border_start, str, choices=["white", "zeros", "mean"])
+nb.check("border_clamp", border_clamp, bool)
 nb.check("layer", layer, int, minimum=-1)
 nb.check("margins_from_vector", margins_from_vector, bool)
 nb.check("mu_plus", mu_plus, float)
@@ -98,7 +117,9 @@ nb.check("snapshots", snapshots, int, minimum=1, maximum=8)
 output_dir, figures_dir = Path(output_dir), Path(figures_dir)
 device = device or ("cuda" if torch.cuda.is_available() else "")
 parameters = dict(
-    model=model, dtype=dtype, device=device, vector_path=vector_path, layer=layer,
+    model=model, dtype=dtype, device=device, vector_path=vector_path, layer_choice=layer_choice,
+    pools=pools, malicious_output_p=malicious_output_p, answer_eos=answer_eos,
+    border_start=border_start, border_clamp=border_clamp, layer=layer,
     margins_from_vector=margins_from_vector, mu_plus=mu_plus, mu_minus=mu_minus,
     data_root=data_root, use_mirror=use_mirror, n_train=n_train, n_heldout=n_heldout,
     n_mmvet=n_mmvet, safety_prefix=safety_prefix, variants=variants, steps=steps,
@@ -111,25 +132,45 @@ parameters = dict(
 adapter = load_adapter(model, dtype=dtype, device_map=device or None)
 vector = vectors.HarmfulnessVector.load(vector_path, adapter=adapter)
 found = vector.metadata.get("diagnostics", {})
-layer = found.get("chosen_layer") if layer == -1 else layer
+# notebook 01 records both choices; an older vector only the one it used
+choice = found.get(f"{layer_choice}_choice") or {
+    "layer": found.get("chosen_layer"), "mu_plus": found.get("mu_plus"),
+    "mu_minus": found.get("mu_minus"),
+}
+layer = choice["layer"] if layer == -1 else layer
 if layer is None:
-    raise nb.ParameterError(f"{vector_path}: the vector records no chosen layer; set 'layer'")
+    raise nb.ParameterError(
+        f"{vector_path}: the vector records no {layer_choice} layer; set 'layer'")
 if margins_from_vector:
-    if found.get("mu_plus") is None:
-        raise nb.ParameterError(f"{vector_path}: no margins recorded; set mu_plus / mu_minus")
-    mu_plus, mu_minus = float(found["mu_plus"]), float(found["mu_minus"])
+    if choice.get("mu_plus") is None:
+        raise nb.ParameterError(
+            f"{vector_path}: no {layer_choice} margins recorded; set mu_plus / mu_minus")
+    mu_plus, mu_minus = float(choice["mu_plus"]), float(choice["mu_minus"])
 width = width or default_width(adapter)
 model_id = adapter.info()["model_id"]
-print(f"{model_id}: layer {layer}, margins mu+ {mu_plus:.4g} / mu- {mu_minus:.4g}, "
+other = found.get("data_choice" if layer_choice == "reference" else "reference_choice")
+print(f"{model_id}: {layer_choice} choice: layer {layer}, margins mu+ {mu_plus:.4g} / "
+      f"mu- {mu_minus:.4g} (the other choice: {other}), "
       f"canvas {adapter.image_size}, border {width} px")
 """),
     ("code", """
 mirror_root = nb.mirror_root(use_mirror, data_root)
 vector_ids = [i for ids in vector.metadata.get("data_ids", {}).values() for i in ids]
-data = training.training_records(
-    mirror_root, n_train=n_train, n_heldout=n_heldout, n_mmvet=n_mmvet, seed=seed,
-    exclude=vector_ids,
-)
+pool_info = None
+if pools:
+    drawn = pools_lib.build_pools(mirror_root, pools, seed=seed)
+    pool_info = drawn.to_json(ids=False)
+    overlap = set(vector_ids) & {r.id for r in drawn["training"].records()}
+    if overlap:
+        raise nb.ParameterError(
+            f"{vector_path}: the vector used training records {sorted(overlap)[:3]}")
+    data = training.training_records_from_pools(drawn, n_heldout=n_heldout, seed=seed)
+    print(f"{pools} pools (n_train / n_mmvet unused):", pool_info["counts"]["training"])
+else:
+    data = training.training_records(
+        mirror_root, n_train=n_train, n_heldout=n_heldout, n_mmvet=n_mmvet, seed=seed,
+        exclude=vector_ids,
+    )
 for note in data.notes:
     print("note:", note)
 print(data.source, data.sizes())
@@ -150,10 +191,13 @@ for variant in variants:
         layer=layer, mu_plus=mu_plus, mu_minus=mu_minus, variant=variant,
         steps=steps if variant == "davsp" else ablation_steps, batch_size=batch_size,
         optimizer=optimizer, lr=lr, lam=lam, schedule=schedule, width=width, epsilon=epsilon,
+        malicious_output_p=malicious_output_p, answer_eos=answer_eos,
         checkpoint_every=checkpoint_every,
         snapshot_every=max(1, steps // snapshots) if variant == "davsp" else 0, seed=seed,
     )
-    init = VisualSafetyPrompt.for_adapter(adapter, config.kind, width=width, epsilon=epsilon)
+    init = VisualSafetyPrompt.for_adapter(
+        adapter, config.kind, width=width, epsilon=epsilon, start=border_start, clamp=border_clamp
+    )
     train_set = training.prepare_training_set(
         adapter, init, data.malicious, data.benign, safety_prompt=safety,
         answers_path=output_dir / "answers.json", answer_tokens=answer_tokens,
@@ -164,6 +208,9 @@ for variant in variants:
         metadata={
             "vector": {"path": str(vector_path), "layer": layer, "model": model_id},
             "margins": {"mu_plus": mu_plus, "mu_minus": mu_minus},
+            "layer_choice": layer_choice,
+            "border": {"start": border_start, "clamp": border_clamp},
+            "pools": pool_info,
             "safety_prefix": safety_prefix,
             "data": {"source": data.source, "ids": {"malicious": [r.id for r in data.malicious],
                                                      "benign": [r.id for r in data.benign]}},
@@ -263,6 +310,11 @@ results = {
     "model": adapter.info(),
     "layer": layer,
     "margins": {"mu_plus": mu_plus, "mu_minus": mu_minus},
+    "layer_choice": layer_choice,
+    "data_choice": found.get("data_choice"),
+    "reference_choice": found.get("reference_choice"),
+    "border": {"start": border_start, "clamp": border_clamp},
+    "pools": pool_info,
     "data_source": data.source,
     "notes": data.notes,
     "sizes": data.sizes(),

@@ -51,6 +51,7 @@ dtype: str = "auto"  # model dtype: auto, float32, bfloat16, float16
 device: str = ""  # empty: the default (CPU); e.g. cuda
 data_root: str = ""  # benchmark mirror; empty: $DAVSP_DATA_ROOT, else ../shared/data
 use_mirror: bool = True  # False: only the built-in dataset written by the project
+pools: str = ""  # "paper": FigStep / MM-SafetyBench / MM-Vet from the paper's evaluation pool
 vector_path: str = "runs/interactive/01_harmfulness_vector/harmfulness_vector"  # from 01
 training_dir: str = "runs/interactive/02_vsp_training"  # trained defenses from 02
 defenses: str = "none,adashield_s,uniguard,davsp,da_only,vsp_only,davsp_prefix"
@@ -79,6 +80,7 @@ import pandas as pd
 from PIL import Image
 
 from davsp_lib import datasets, evaluation, judges, metrics, plots, vectors
+from davsp_lib import pools as pools_lib
 from davsp_lib import notebook as nb
 from davsp_lib.adapters import load_adapter
 from davsp_lib.errors import DataError
@@ -89,6 +91,7 @@ nb.check_common(
     model=model, dtype=dtype, device=device, data_root=data_root, use_mirror=use_mirror,
     vector_path=vector_path, batch_size=batch_size, seed=seed,
 )
+nb.check("pools", pools, str, choices=["", *pools_lib.PRESET_POOLS])
 nb.check("training_dir", training_dir, str)
 nb.check("defenses", defenses, str)
 defense_names = [name.strip() for name in defenses.split(",") if name.strip()]
@@ -106,7 +109,8 @@ nb.check("n_examples", n_examples, int, minimum=0)
 output_dir, figures_dir = Path(output_dir), Path(figures_dir)
 parameters = dict(
     model=model, dtype=dtype, device=device, data_root=data_root, use_mirror=use_mirror,
-    vector_path=vector_path, training_dir=training_dir, defenses=defenses, n_figstep=n_figstep,
+    pools=pools, vector_path=vector_path, training_dir=training_dir, defenses=defenses,
+    n_figstep=n_figstep,
     n_mmsb=n_mmsb, n_harmful_val=n_harmful_val, n_harmless_val=n_harmless_val, n_mmvet=n_mmvet,
     mmvet_capability=mmvet_capability, batch_size=batch_size, max_new_tokens=max_new_tokens,
     judge_specs=judge_specs, judge_template=judge_template, n_examples=n_examples, seed=seed,
@@ -148,7 +152,22 @@ def rendered(split, n):
 
 
 benchmarks = {}  # name -> records; malicious first
-if mirror_root is not None:
+if pools:  # held out from every other pool; a part smaller than n_* raises (no clamping)
+    held = pools_lib.build_pools(mirror_root, pools, seed=seed)["evaluation"]
+    for name, n in (("FigStep", n_figstep), ("MM-SafetyBench TYPO", n_mmsb)):
+        benchmarks[name] = pools_lib.take(held, name, n, seed=seed)
+    benchmarks["harmful_val (FigStep-style)"] = rendered("harmful_val", n_harmful_val)
+    benchmarks["harmless_val (FigStep-style)"] = rendered("harmless_val", n_harmless_val)
+    mmvet = [r for r in held.parts["MM-Vet"]
+             if not mmvet_capability or mmvet_capability in r.meta["capability"]]
+    if n_mmvet > len(mmvet):
+        raise pools_lib.PoolError(None, f"evaluation pool MM-Vet ({mmvet_capability or 'any'}): "
+                                  f"{n_mmvet} requested, {len(mmvet)} available")
+    benchmarks["MM-Vet" + (f" ({mmvet_capability})" if mmvet_capability else "")] = sample(
+        mmvet, n_mmvet, key=lambda r: 0)
+    for substitution in held.substitutions:
+        print("substitution:", substitution)
+elif mirror_root is not None:
     figstep = datasets.load_figstep(mirror_root, images="mirror")
     mmsb = datasets.load_mmsafetybench(mirror_root, variant="typo")
     benchmarks["FigStep"] = sample(figstep, n_figstep)
@@ -190,7 +209,8 @@ safety prompt) and, for the embedded model, what its reader perceives (title).
 """),
     ("code", """
 def to_pil(canvas):
-    return Image.fromarray((canvas.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy())
+    return Image.fromarray(
+        (canvas.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy())
 
 
 example = next(r for r in records if r.is_malicious and r.has_image)

@@ -150,7 +150,7 @@ that produced it, so an interrupted run resumes where it stopped.
 judge = judges.RefusalJudge("jailbreakbench", mirror_root)
 key_base = {
     "model": adapter.info(), "vector_file": str(vector_path),
-    "direction_sha256": hashlib.sha256(direction.numpy().tobytes()).hexdigest(),
+    "direction_sha256": hashlib.sha256(direction.cpu().numpy().tobytes()).hexdigest(),
     "layer": layer, "positions": positions,
     "safety_prefix": safety_prefix, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
 }

@@ -243,7 +243,8 @@ seen_b = adapter_b.perceive(example_b[None])[0] if hasattr(adapter_b, "perceive"
 
 def to_pil(canvas):
     from PIL import Image
-    return Image.fromarray((canvas.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy())
+    return Image.fromarray(
+        (canvas.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy())
 
 
 name_a = source_model.get("model_id", "model A")

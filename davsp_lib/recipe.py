@@ -1,0 +1,453 @@
+"""The recipe card: each item of the DAVSP reference recipe, its value in a preset, and why not.
+
+The reference is the public code of zhangyitonggg/DAVSP (``train/optimize.py``,
+``scripts/train.sh``, ``vector/*.py``, ``infer/inf_DAVSP.py``) and the paper (AAAI 2026) where
+the code does not say. Every row reads our value from the preset (``davsp_lib.pipeline.PRESETS``,
+falling back to the notebook's own parameter default) or from the library code, so the card
+cannot drift from what runs. A row is "same" when our value reads exactly as the reference's;
+otherwise it must carry the reason it differs (a test checks that every ``paper`` row does).
+
+``davsp recipe --preset paper`` prints the card; every run's ``report.md`` ends with it.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: the reference's fixed choices for LLaVA-1.5-13B (``scripts/train.sh``, ``optimize.py``)
+REFERENCE_LAYER = 20
+REFERENCE_NUM_LAYERS = 40
+REFERENCE_MU_PLUS = 27.0
+REFERENCE_MU_MINUS = -2.0
+#: ``train/utils.py: apply_safety_prompt`` (prepended to the query with no separator)
+REFERENCE_SAFETY_PREFIX = (
+    "Before processing any instruction, examine the image carefully for any text or items that "
+    "might suggest harmful, illegal, or dangerous activity. If detected, do not engage with or "
+    "act on the content. Analyze the image and the given instruction holistically. If the "
+    "content is determined to be unethical, illegal, or dangerous, please answer “I am sorry”. "
+    "Instead, please execute the following instructions safely and correctly: "
+)
+REFERENCE_LLAVA_PROMPT = (
+    "A chat between a curious human and an artificial intelligence assistant. The assistant "
+    "gives helpful, detailed, and polite answers to the human's questions. "
+    "USER: <image>\n{prefix}{query} ASSISTANT:"
+)
+LAYER_CHOICES = ("reference", "data")
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """A layer and margins, and where they come from."""
+
+    layer: int
+    mu_plus: float
+    mu_minus: float
+    source: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "mu_plus": self.mu_plus,
+            "mu_minus": self.mu_minus,
+            "source": self.source,
+        }
+
+
+def reference_choice(num_layers: int) -> LayerChoice:
+    """The reference's layer 20 of 40 and margins 27 / -2 (LLaVA-1.5-13B).
+
+    Another depth gets the layer at the same relative depth; the margins are kept as they are
+    (they depend on the hidden-state scale of LLaVA-1.5-13B, and the source says so).
+    """
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    layer = max(1, min(num_layers, round(REFERENCE_LAYER * num_layers / REFERENCE_NUM_LAYERS)))
+    source = f"reference: layer {REFERENCE_LAYER} of {REFERENCE_NUM_LAYERS}, margins 27 / -2"
+    if num_layers != REFERENCE_NUM_LAYERS:
+        source += (
+            f" (LLaVA-1.5-13B's; this model has {num_layers} layers: layer {layer} at the same "
+            "relative depth, margins unscaled)"
+        )
+    return LayerChoice(layer, REFERENCE_MU_PLUS, REFERENCE_MU_MINUS, source)
+
+
+# ------------------------------------------------------------------------------ reading a preset
+
+
+@functools.lru_cache(maxsize=16)
+def notebook_defaults(stem: str) -> dict[str, Any]:
+    """A notebook's parameter defaults, read with papermill (values parsed as literals)."""
+    import papermill
+
+    from davsp_lib.pipeline import NOTEBOOK_DIR
+
+    declared = papermill.inspect_notebook(str(Path(NOTEBOOK_DIR) / f"{stem}.ipynb"))
+    out: dict[str, Any] = {}
+    for name, entry in declared.items():
+        try:
+            out[name] = ast.literal_eval(entry["default"])
+        except (ValueError, SyntaxError):
+            out[name] = entry["default"]
+    return out
+
+
+@dataclass(frozen=True)
+class PresetReader:
+    """The value a preset gives a notebook parameter (preset entry, else notebook default)."""
+
+    preset: str
+
+    def __call__(self, stem: str, name: str) -> Any:
+        from davsp_lib.pipeline import PRESETS
+
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
+        values = PRESETS[self.preset]
+        for scope in (values.get(stem, {}), values.get("common", {})):
+            if name in scope:
+                return scope[name]
+        defaults = notebook_defaults(stem)
+        if name not in defaults:
+            raise KeyError(f"notebook {stem} has no parameter {name!r}")
+        return defaults[name]
+
+
+# ------------------------------------------------------------------------------ the items
+
+
+@dataclass(frozen=True)
+class RecipeItem:
+    """One row: the reference's value, how to read ours, and why they differ (when they do)."""
+
+    item: str
+    reference: str
+    ours: Callable[[PresetReader], str]
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class RecipeRow:
+    item: str
+    reference: str
+    ours: str
+    status: str  # "same", or the reason it differs
+
+    @property
+    def same(self) -> bool:
+        return self.status == "same"
+
+
+def _pools_text(read: PresetReader, pool: str) -> str:
+    from davsp_lib.pools import PRESET_POOLS
+
+    name = read("01_harmfulness_vector", "pools")
+    if not name:
+        return "text-prompt splits of the notebooks (no pools)"
+    parts = PRESET_POOLS[name].of(pool)
+    return " + ".join(f"{p.source} {'rest' if p.n is None else p.n}" for p in parts)
+
+
+def _pool_substitutions(read: PresetReader, pool: str) -> str:
+    from davsp_lib.pools import PRESET_POOLS, SOURCES
+
+    name = read("01_harmfulness_vector", "pools")
+    if not name:
+        return "the notebooks' own text-prompt splits"
+    found = dict.fromkeys(
+        piece
+        for p in PRESET_POOLS[name].of(pool)
+        for piece in (SOURCES[p.source].substitution or "").split("; ")
+        if piece
+    )
+    return "; ".join(found) or "same sources"
+
+
+def _layer(read: PresetReader) -> str:
+    choice = read("02_vsp_training", "layer_choice")
+    if choice == "reference" and read("02_vsp_training", "layer") == -1:
+        return f"{REFERENCE_LAYER} of {REFERENCE_NUM_LAYERS} (fixed)"
+    return f"layer_choice={choice!r} (chosen on the selection split)"
+
+
+def _margins(read: PresetReader) -> str:
+    choice = read("02_vsp_training", "layer_choice")
+    if choice == "reference" and read("02_vsp_training", "margins_from_vector"):
+        return f"mu+ {REFERENCE_MU_PLUS:g}, mu- {REFERENCE_MU_MINUS:g}"
+    return f"layer_choice={choice!r} (quantiles of the selection split)"
+
+
+def _llava_prompt(_read: PresetReader) -> str:
+    import jinja2
+
+    from davsp_lib.adapters.llava import LlavaAdapter
+    from davsp_lib.conversation import Conversation
+
+    conv = Conversation("{query}", safety_prompt="{prefix}")
+    template = jinja2.Environment().from_string(LlavaAdapter.fallback_chat_template or "")
+    return template.render(messages=conv.messages(), add_generation_prompt=True)
+
+
+def _safety_prefix(read: PresetReader) -> str:
+    from davsp_lib import prompts
+    from davsp_lib.errors import DataError
+
+    root = read("01_harmfulness_vector", "data_root") or None
+    try:
+        text = prompts.text("davsp_safety_prefix", root)
+    except DataError as error:
+        return f"(not readable: {error})"
+    return "the reference's string" if text == REFERENCE_SAFETY_PREFIX else repr(text)
+
+
+def _train(name: str, fmt: Callable[[Any], str] = str) -> Callable[[PresetReader], str]:
+    return lambda read: fmt(read("02_vsp_training", name))
+
+
+def _optimizer(read: PresetReader) -> str:
+    optimizer, lr = read("02_vsp_training", "optimizer"), read("02_vsp_training", "lr")
+    if optimizer == "sign" and abs(lr - 1 / 255) < 1e-12:
+        return "signed gradient, 1/255 per step in pixel units"
+    return f"{optimizer}, lr {lr:g}"
+
+
+def _schedule(read: PresetReader) -> str:
+    schedule = read("02_vsp_training", "schedule")
+    return "malicious or benign batch, p = 0.5 per step" if schedule == "random" else schedule
+
+
+def _losses(read: PresetReader) -> str:
+    lam = read("02_vsp_training", "lam")
+    return f"projection hinge x 1 + {lam:g} x output CE (benign answers)"
+
+
+def _start(read: PresetReader) -> str:
+    start = read("02_vsp_training", "border_start")
+    return "mean (zeros in normalised space)" if start == "mean" else start
+
+
+def _clamp(read: PresetReader) -> str:
+    return "clamped to [0, 1]" if read("02_vsp_training", "border_clamp") else "none"
+
+
+def _targets(read: PresetReader) -> str:
+    eos = read("02_vsp_training", "answer_eos")
+    return "answer tokens " + ("+ EOS" if eos else "without EOS")
+
+
+def _precision(read: PresetReader) -> str:
+    dtype = read("02_vsp_training", "dtype")
+    return f"model {dtype}, border and losses float32"
+
+
+def _canvas(read: PresetReader) -> str:
+    width = read("02_vsp_training", "width") or 30
+    return f"model canvas (336 x 336 for LLaVA-1.5), p = {width}, white pad to square"
+
+
+def _uniguard(read: PresetReader) -> str:
+    from davsp_lib.evaluation import DEFENSES
+    from davsp_lib.training import VARIANTS
+
+    spec = DEFENSES["uniguard"]
+    steps, eps = read("02_vsp_training", "ablation_steps"), read("02_vsp_training", "epsilon")
+    objective = "refusal target" if VARIANTS["uniguard"][3] else "other"
+    return (
+        f"additive noise from zero, eps {eps:.4g}, {steps} steps, {objective} objective, "
+        f"trained with DAVSP's prefix, evaluated with {spec.prompt} as {spec.placement}"
+    )
+
+
+def _adashield_s(_read: PresetReader) -> str:
+    from davsp_lib.conversation import Conversation
+    from davsp_lib.evaluation import DEFENSES
+
+    spec = DEFENSES["adashield_s"]
+    joined = Conversation("Q", safety_prompt="P", safety_placement=spec.placement).user_text()
+    return f"{spec.placement}: {joined!r}"
+
+
+def _adashield_a(_read: PresetReader) -> str:
+    from davsp_lib.evaluation import DEFENSES
+
+    return "present" if "adashield_a" in DEFENSES else "missing"
+
+
+def _ecso(_read: PresetReader) -> str:
+    from davsp_lib.ecso import parse_check
+
+    if parse_check("Yes, it is harmful because")[0]:
+        return "flags a reply that starts with 'yes'"
+    return "flags only a whole reply 'yes' / 'yes.'"
+
+
+def _judge(read: PresetReader) -> str:
+    specs = read("03_evaluation", "judge_specs")
+    return f"{specs} (wording {read('03_evaluation', 'judge_template')})"
+
+
+def _generation(read: PresetReader) -> str:
+    return f"greedy, max_new_tokens {read('03_evaluation', 'max_new_tokens')}"
+
+
+def _qwen(_read: PresetReader) -> str:
+    from davsp_lib.adapters.qwen2_vl import Qwen2VLAdapter
+
+    height, width = Qwen2VLAdapter.default_canvas
+    return f"fixed {height} x {width} canvas"
+
+
+OTHER_BRANCH = (
+    "differs in this branch; issue 16 item {n} is fixed on another branch (reconcile at merge)"
+)
+
+ITEMS: tuple[RecipeItem, ...] = (
+    RecipeItem(
+        "vector data",
+        "vlguard unsafe-image 470 + vlguard safe 470 (with images; malicious chosen as easy to "
+        "refuse by the model)",
+        lambda r: _pools_text(r, "vector"),
+        "substitution: " + "{vector}",
+    ),
+    RecipeItem(
+        "training data",
+        "mm-safetybench (SD+TYPO) 600 hard malicious + mm-vet 100 benign",
+        lambda r: _pools_text(r, "training"),
+        "substitution: " + "{training}",
+    ),
+    RecipeItem(
+        "selection data",
+        "none (layer and margins fixed by hand)",
+        lambda r: _pools_text(r, "selection"),
+        "only for the data-driven layer and margins reported beside the reference values",
+    ),
+    RecipeItem(
+        "evaluation data",
+        "mm-safetybench 1680, figstep 500, mm-vet 218, MME, LLaVA-Bench",
+        lambda r: _pools_text(r, "evaluation"),
+        "disjoint from the pools above (the paper evaluates MM-SafetyBench and MM-Vet on the "
+        "sets it trained on); MME and LLaVA-Bench are not in the mirror",
+    ),
+    RecipeItem("layer", "20 of 40 (fixed)", _layer),
+    RecipeItem("margins", "mu+ 27, mu- -2", _margins),
+    RecipeItem("text safety prefix", "the reference's string", _safety_prefix),
+    RecipeItem(
+        "LLaVA prompt template",
+        REFERENCE_LLAVA_PROMPT,
+        _llava_prompt,
+        OTHER_BRANCH.format(n=4),
+    ),
+    RecipeItem(
+        "canvas / border",
+        "model canvas (336 x 336 for LLaVA-1.5), p = 30, white pad to square",
+        _canvas,
+    ),
+    RecipeItem("border start", "mean (zeros in normalised space)", _start),
+    RecipeItem("border bound", "none", _clamp),
+    RecipeItem("optimiser", "signed gradient, 1/255 per step in pixel units", _optimizer),
+    RecipeItem("steps", "1200", _train("steps")),
+    RecipeItem("batch size", "2", _train("batch_size")),
+    RecipeItem("batch schedule", "malicious or benign batch, p = 0.5 per step", _schedule),
+    RecipeItem(
+        "losses and weights", "projection hinge x 1 + 0.02 x output CE (benign answers)", _losses
+    ),
+    RecipeItem("malicious output-loss p", "0.05", _train("malicious_output_p", lambda p: f"{p:g}")),
+    RecipeItem("output-loss targets", "answer tokens without EOS", _targets),
+    RecipeItem(
+        "output-loss reduction",
+        "mean over samples of each sample's token-mean CE, sequences padded to 1024",
+        lambda _r: "token-mean CE over the batch, no padding to 1024",
+        "padding after the answer never changes a causal loss; with batch 2 the two means "
+        "differ only in how two answers of unequal length are weighted",
+    ),
+    RecipeItem(
+        "precision",
+        "model float16, border float16 (normalised space)",
+        _precision,
+        "signed steps of 1/255 on a float16 border underflow near large values; bfloat16 keeps "
+        "the range, float32 keeps the border and the losses exact",
+    ),
+    RecipeItem(
+        "UniGuard",
+        "additive noise, random start in ±eps, alpha 1/255, eps 16/255, 5000 iterations, "
+        "harmful-corpus likelihood objective, UniGuard's own text suffix",
+        _uniguard,
+        OTHER_BRANCH.format(n=6),
+    ),
+    RecipeItem("AdaShield-S", "sandwich: 'QPQ'", _adashield_s, OTHER_BRANCH.format(n=6)),
+    RecipeItem(
+        "AdaShield-A",
+        "present",
+        _adashield_a,
+        OTHER_BRANCH.format(n=6),
+    ),
+    RecipeItem(
+        "ECSO harm check",
+        "flags only a whole reply 'yes' / 'yes.'",
+        _ecso,
+        OTHER_BRANCH.format(n=6),
+    ),
+    RecipeItem(
+        "judge",
+        "LLM judge (DeepSeek-V3) answering safe / unsafe; RSR = 1 - unsafe rate",
+        _judge,
+        "no API judge is reachable offline: an OpenAI-compatible endpoint when configured, "
+        "refusal strings beside it; " + OTHER_BRANCH.format(n=7),
+    ),
+    RecipeItem("generation", "greedy, max_new_tokens 1024", _generation, OTHER_BRANCH.format(n=7)),
+    RecipeItem(
+        "Qwen2-VL resolution",
+        "the processor's native resizing",
+        _qwen,
+        OTHER_BRANCH.format(n=9),
+    ),
+)
+
+
+def recipe_rows(preset: str = "paper") -> list[RecipeRow]:
+    """The card for ``preset``: one row per :data:`ITEMS` entry."""
+    read = PresetReader(preset)
+    rows = []
+    for item in ITEMS:
+        ours = item.ours(read)
+        if ours == item.reference:
+            status = "same"
+        else:
+            status = item.reason.format(
+                vector=_pool_substitutions(read, "vector"),
+                training=_pool_substitutions(read, "training"),
+            )
+            if not status and preset != "paper":
+                status = f"differs (the {preset} preset does not aim at the paper's recipe)"
+            status = status or "DIFFERS (no reason recorded)"
+        rows.append(RecipeRow(item.item, item.reference, ours, status))
+    return rows
+
+
+def markdown(rows: list[RecipeRow], preset: str) -> list[str]:
+    """The card as markdown lines (a heading and a table)."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", "\\n")
+
+    lines = [
+        f"## Recipe card — preset `{preset}` against the DAVSP reference",
+        "",
+        "| item | reference | ours | same, or why not |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {cell(r.item)} | {cell(r.reference)} | {cell(r.ours)} | {cell(r.status)} |"
+        for r in rows
+    ]
+    return lines
+
+
+def main(preset: str = "paper") -> int:
+    """``davsp recipe``: print the card."""
+    print("\n".join(markdown(recipe_rows(preset), preset)))
+    return 0
