@@ -76,6 +76,8 @@ def load_adapter(
     A model larger than one GPU: ``device_map="auto"`` with ``max_memory`` (e.g.
     ``{0: "70GiB", 1: "70GiB"}``, plus ``"cpu"`` to allow CPU offload) and ``offload_folder``
     for disk offload; gradients still reach the pixels through accelerate's hooks.
+    ``dtype="auto"`` keeps a checkpoint's own dtype; for the embedded models it is their
+    default, a bfloat16 language model (``"float32"`` reproduces earlier results exactly).
     """
     from transformers import AutoConfig
 

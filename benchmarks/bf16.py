@@ -1,0 +1,322 @@
+"""The embedded default in float32 and in bfloat16: speed and whether decisions stay the same.
+
+    .venv/bin/python benchmarks/bf16.py [--model tiny] [--n-vector 16] [--n-heldout 16]
+                                        [--n-generate 16] [--max-new-tokens 24]
+                                        [--train-steps 4] [--batch-size 8]
+
+Both copies of the language model (float32 and bfloat16; the reader and the border path are
+float32 in both) are loaded in one process and every workload runs on the same records in
+both dtypes, float32 first, so each speed-up is a ratio from this one run:
+
+- **extraction** (:func:`davsp_lib.vectors.extract`, all layers, built-in text instructions over
+  a blank image with the DAVSP safety prefix, as notebook 01 extracts): seconds; the vector is
+  fitted on ``--n-vector`` records and the layer is chosen on ``--n-heldout`` others as notebook
+  01 does (:func:`diagnostics.choose_layer`); the largest ``|s_bf16 - s_fp32|`` of a held-out
+  projection on the float32 vector, relative to the distance between the two class means of
+  ``s_fp32``, at the chosen layer and at the worst layer.
+- **generation** (:func:`davsp_lib.evaluation.generate_responses`, greedy, batched): built-in
+  FigStep images (half harmful) under no defense and under the DAVSP prefix; seconds, identical
+  answers, identical refusal verdicts (JailbreakBench refusal strings), the largest
+  ``|delta projection|`` of the prompt's last token relative to the class-mean distance.
+- **training** (:func:`davsp_lib.training.forward_losses` + backward, Adam, alternating
+  malicious / benign steps, the same seed and batches, ``lam`` as the reference): seconds per
+  step, the cosine between the float32 and bfloat16 border gradients at the first step (same
+  border), and the loss curves of both runs.
+- **profile**: one forward per dtype under ``torch.profiler``: seconds in matmuls and in all
+  other ops, and the speed-up of each (what bounds the whole forward's speed-up).
+
+The OCR cache is filled before any timing, so the timings measure the language model (the
+reader and the border path are float32 in both). On a shared machine, read the ratios, not the
+seconds; the script prints the load average before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from davsp_lib import diagnostics, prompts, training, vectors
+from davsp_lib.adapters import load_adapter
+from davsp_lib.datasets import load_builtin
+from davsp_lib.evaluation import generate_responses, make_defense
+from davsp_lib.judges import RefusalJudge
+from davsp_lib.records import Record
+from davsp_lib.vsp import VisualSafetyPrompt, default_width
+
+DTYPES = ("float32", "bfloat16")
+
+
+def balanced(records: list[Record], n: int, skip: int = 0) -> list[Record]:
+    """``n`` records, half malicious, after skipping ``skip`` of each class."""
+    malicious = [r for r in records if r.is_malicious][skip : skip + n // 2]
+    benign = [r for r in records if not r.is_malicious][skip : skip + n - n // 2]
+    if len(malicious) + len(benign) != n:
+        raise ValueError(f"the built-in data has fewer than {n} records after skipping {skip}")
+    return malicious + benign
+
+
+def relative_shift(fp32: np.ndarray, bf16: np.ndarray, labels: np.ndarray) -> float:
+    """``max |s_bf16 - s_fp32|`` over the distance between the float32 class means."""
+    gap = abs(fp32[labels].mean() - fp32[~labels].mean())
+    return float(np.abs(bf16 - fp32).max() / gap)
+
+
+def timed(function, *args, **kwargs):
+    start = time.perf_counter()
+    out = function(*args, **kwargs)
+    return out, time.perf_counter() - start
+
+
+def extraction(models, text, batch_size, n_vector, n_heldout):
+    """Vector on one part, layer choice on the other, in both dtypes."""
+    safety = prompts.text("davsp_safety_prefix")
+    fit = balanced(text, n_vector)
+    heldout = balanced(text, n_heldout, skip=n_vector // 2)
+    common = dict(safety_prompt=safety, blank_image=True, progress=False, batch_size=batch_size)
+    out = {}
+    for name, adapter in models.items():
+        vectors.extract(adapter, fit[:2], [1], **common)  # warm-up: first forward allocates
+        (acts_fit, acts_held), seconds = timed(
+            lambda a=adapter: (
+                vectors.extract(a, fit, None, **common),
+                vectors.extract(a, heldout, None, **common),
+            )
+        )
+        vector = vectors.fit_vector(acts_fit)
+        layer = diagnostics.choose_layer(diagnostics.layer_report(vector, acts_held), 0.01)
+        out[name] = {"seconds": seconds, "vector": vector, "heldout": acts_held, "layer": layer}
+    reference = out["float32"]["vector"]
+    labels = out["float32"]["heldout"].labels
+    shifts = {
+        layer: relative_shift(
+            reference.project(out["float32"]["heldout"], layer).numpy(),
+            reference.project(out["bfloat16"]["heldout"], layer).numpy(),
+            labels,
+        )
+        for layer in reference.layers
+        if layer > 0
+    }
+    chosen = out["float32"]["layer"]
+    return (
+        {
+            "records": f"{len(fit)} for the vector + {len(heldout)} held-out, all layers",
+            "seconds": {name: round(out[name]["seconds"], 2) for name in DTYPES},
+            "speed_up": round(out["float32"]["seconds"] / out["bfloat16"]["seconds"], 2),
+            "chosen_layer": {name: out[name]["layer"] for name in DTYPES},
+            "same_layer": out["float32"]["layer"] == out["bfloat16"]["layer"],
+            "max_dprojection_over_class_gap_at_chosen": round(shifts[chosen], 4),
+            "max_dprojection_over_class_gap_worst_layer": [
+                max(shifts, key=shifts.get),
+                round(max(shifts.values()), 4),
+            ],
+        },
+        reference,
+        chosen,
+    )
+
+
+def generation(models, figstep, vector, layer, batch_size, max_new_tokens, defenses, folder):
+    """Responses of both dtypes under each defense; agreement of answers and verdicts."""
+    judge = RefusalJudge("jailbreakbench")
+    rows = {name: [] for name in DTYPES}
+    seconds = dict.fromkeys(DTYPES, 0.0)
+    for defense_name in defenses:
+        defense = make_defense(defense_name)
+        for name, adapter in models.items():
+            kwargs = dict(batch_size=batch_size, vector=vector, layer=layer, progress=False)
+            path = Path(folder) / f"{defense_name}-{name}"
+            warm = Path(f"{path}-warm.jsonl")  # fills the OCR cache; first forward allocates
+            generate_responses(adapter, figstep, defense, warm, max_new_tokens=1, **kwargs)
+            out, spent = timed(
+                generate_responses, adapter, figstep, defense, Path(f"{path}.jsonl"),
+                max_new_tokens=max_new_tokens, **kwargs,
+            )  # fmt: skip
+            rows[name] += out
+            seconds[name] += spent
+    a, b = rows["float32"], rows["bfloat16"]
+    same_answer = sum(x["response"] == y["response"] for x, y in zip(a, b, strict=True))
+    refusals = {n: [judge.is_refusal(r["response"]) for r in rows[n]] for n in DTYPES}
+    same_verdict = sum(x == y for x, y in zip(*refusals.values(), strict=True))
+    labels = np.array([r["label"] == "malicious" for r in a])
+    shift = relative_shift(
+        np.array([r["projection"] for r in a]), np.array([r["projection"] for r in b]), labels
+    )
+    return {
+        "records": f"{len(figstep)} FigStep images x defenses {list(defenses)}, "
+        f"{max_new_tokens} new tokens, batch {batch_size}",
+        "seconds": {name: round(seconds[name], 2) for name in DTYPES},
+        "speed_up": round(seconds["float32"] / seconds["bfloat16"], 2),
+        "identical_answers": f"{same_answer}/{len(a)} ({same_answer / len(a):.0%})",
+        "identical_refusal_verdicts": f"{same_verdict}/{len(a)} ({same_verdict / len(a):.0%})",
+        "refusals": {name: int(sum(refusals[name])) for name in DTYPES},
+        "max_dprojection_over_class_gap": round(shift, 4),
+    }
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")
+
+
+def op_profile(models, text, batch_size):
+    """One full-depth forward per dtype under the profiler: matmul vs other ops (Amdahl)."""
+    from torch.profiler import profile
+
+    from davsp_lib.inputs import iter_batches
+
+    records = balanced(text, batch_size)
+    out = {}
+    for name, adapter in models.items():
+        _, images, conversations = next(iter_batches(adapter, records, batch_size,
+                                                     blank_image=True))  # fmt: skip
+        layers = [adapter.num_layers]
+        with torch.no_grad():
+            adapter.hidden_states(images, conversations, layers)  # warm-up
+            with profile() as prof:
+                adapter.hidden_states(images, conversations, layers)
+        self_us = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+        matmul = sum(v for k, v in self_us.items() if k in MATMUL_OPS) / 1e6
+        out[name] = {"matmul_s": matmul, "other_s": sum(self_us.values()) / 1e6 - matmul}
+    return {
+        "records": f"{len(records)} text records, one forward to layer {layers[0]}",
+        **{f"{name}_s": {k: round(v, 2) for k, v in out[name].items()} for name in DTYPES},
+        "matmul_speed_up": round(out["float32"]["matmul_s"] / out["bfloat16"]["matmul_s"], 2),
+        "other_speed_up": round(out["float32"]["other_s"] / out["bfloat16"]["other_s"], 2),
+        "matmul_share_bf16": round(out["bfloat16"]["matmul_s"] / sum(out["bfloat16"].values()), 3),
+    }
+
+
+def train_steps(adapter, data, config, direction, prompt, steps):
+    """``steps`` alternating Adam steps from the blank border; losses, seconds, first grad."""
+    delta = prompt.delta.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([delta], lr=config.lr)
+    plan = training.batch_plan(config, len(data.malicious), len(data.benign))
+    losses, seconds, first_grad = [], [], None
+    with adapter.shared_border():
+        for step in range(steps):
+            entry = plan[step]
+            records = [data.malicious[i] for i in entry.malicious]
+            records += [data.benign[i] for i in entry.benign]
+            start = time.perf_counter()
+            images = prompt.apply(torch.stack([data.canvases[r.id] for r in records]), delta)
+            out = training.forward_losses(
+                adapter, images, [data.conversations[r.id] for r in records],
+                [r.is_malicious for r in records], [data.answers[r.id] for r in records],
+                config, direction,
+            )  # fmt: skip
+            out.loss.backward()
+            with torch.no_grad():
+                delta.grad.mul_(prompt.mask())
+            if first_grad is None:
+                first_grad = delta.grad.detach().clone()
+            optimizer.step()
+            with torch.no_grad():
+                delta.clamp_(0, 1)
+            delta.grad = None
+            seconds.append(time.perf_counter() - start)
+            losses.append(round(float(out.loss.detach()), 4))
+    return losses, seconds, first_grad
+
+
+def training_workload(models, figstep, vector, layer, steps, batch_size, answer_tokens):
+    reference = models["float32"]
+    scores = vector.project(
+        vectors.extract(reference, figstep, [layer], blank_image=True, progress=False), layer
+    ).numpy()
+    labels = np.array([r.is_malicious for r in figstep])
+    config = training.TrainConfig(
+        layer=layer, mu_plus=float(scores[labels].max()) + 1.0,
+        mu_minus=float(scores[~labels].min()), batch_size=batch_size, lr=0.1, seed=0,
+    )  # fmt: skip
+    prompt = VisualSafetyPrompt.blank(reference.image_size, default_width(reference))
+    malicious = [r for r in figstep if r.is_malicious]
+    benign = [r for r in figstep if not r.is_malicious]
+    # one training set (targets: the float32 model's own answers) for both dtypes
+    data = training.prepare_training_set(
+        reference, prompt, malicious, benign, safety_prompt=prompts.text("davsp_safety_prefix"),
+        answer_tokens=answer_tokens, batch_size=batch_size, progress=False,
+    )  # fmt: skip
+    direction = vector.direction(layer, dtype=torch.float32)
+    out = {}
+    for name, adapter in models.items():
+        train_steps(adapter, data, config, direction, prompt, 2)  # warm-up (both step kinds)
+        out[name] = train_steps(adapter, data, config, direction, prompt, steps)
+    g32, g16 = out["float32"][2].flatten(), out["bfloat16"][2].flatten()
+    cosine = float(torch.nn.functional.cosine_similarity(g32, g16, dim=0))
+    mean = {name: statistics.mean(out[name][1]) for name in DTYPES}
+    return {
+        "records": f"{len(malicious)} + {len(benign)} FigStep images, batch {batch_size}, "
+        f"layer {layer}, {steps} alternating Adam steps (lr 0.1, lam {config.lam})",
+        "seconds_per_step": {name: round(mean[name], 2) for name in DTYPES},
+        "speed_up": round(mean["float32"] / mean["bfloat16"], 2),
+        "first_step_gradient_cosine": round(cosine, 4),
+        "losses": {name: out[name][0] for name in DTYPES},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--n-vector", type=int, default=16)
+    parser.add_argument("--n-heldout", type=int, default=16)
+    parser.add_argument("--n-generate", type=int, default=8, help="FigStep records per defense")
+    parser.add_argument("--defenses", default="none,davsp_prefix")
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--train-records", type=int, default=8)
+    parser.add_argument("--train-steps", type=int, default=4)
+    parser.add_argument("--train-batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--only", default="extraction,generation,training,profile")
+    args = parser.parse_args(argv)
+    wanted = args.only.split(",")
+
+    load_before = os.getloadavg()
+    models = {name: load_adapter(args.model, dtype=name) for name in DTYPES}
+    for name, adapter in models.items():  # what each dtype actually runs in
+        reader = {str(p.dtype) for p in adapter.reader.model.parameters()}
+        print(f"{name}: language model {adapter.dtype}, reader {sorted(reader)}")
+    text = load_builtin("text")
+    figstep = load_builtin("figstep")
+    summary: dict = {
+        "model": models["float32"].info()["model_id"],
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+    result, vector, layer = extraction(models, text, args.batch_size, args.n_vector, args.n_heldout)
+    if "extraction" in wanted:
+        summary["extraction"] = result
+        print(json.dumps({"extraction": result}))
+    if "generation" in wanted:
+        records = balanced(figstep, args.n_generate)
+        with tempfile.TemporaryDirectory() as folder:
+            summary["generation"] = generation(
+                models, records, vector, layer, args.batch_size, args.max_new_tokens,
+                args.defenses.split(","), folder,
+            )  # fmt: skip
+        print(json.dumps({"generation": summary["generation"]}))
+    if "profile" in wanted:
+        summary["profile"] = op_profile(models, text, args.batch_size)
+        print(json.dumps({"profile": summary["profile"]}))
+    if "training" in wanted:
+        records = balanced(figstep, args.train_records, skip=args.n_generate // 2)
+        summary["training"] = training_workload(
+            models, records, vector, layer, args.train_steps, args.train_batch_size, 16
+        )
+        print(json.dumps({"training": summary["training"]}))
+    summary["load_average_before_after"] = [
+        [round(x, 2) for x in load_before],
+        [round(x, 2) for x in os.getloadavg()],
+    ]
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
