@@ -6,7 +6,8 @@
 
 Both copies of the language model (float32 and bfloat16; the reader and the border path are
 float32 in both) are loaded in one process and every workload runs on the same records in
-both dtypes, float32 first, so each speed-up is a ratio from this one run:
+both dtypes, alternating batch by batch (training: step by step), so each speed-up is a ratio
+from this one run:
 
 - **extraction** (:func:`davsp_lib.vectors.extract`, all layers, built-in text instructions over
   a blank image with the DAVSP safety prefix, as notebook 01 extracts): seconds; the vector is
@@ -35,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -47,6 +47,7 @@ from davsp_lib import diagnostics, prompts, training, vectors
 from davsp_lib.adapters import load_adapter
 from davsp_lib.datasets import load_builtin
 from davsp_lib.evaluation import generate_responses, make_defense
+from davsp_lib.inputs import canvas_for
 from davsp_lib.judges import RefusalJudge
 from davsp_lib.records import Record
 from davsp_lib.vsp import VisualSafetyPrompt, default_width
@@ -69,30 +70,55 @@ def relative_shift(fp32: np.ndarray, bf16: np.ndarray, labels: np.ndarray) -> fl
     return float(np.abs(bf16 - fp32).max() / gap)
 
 
-def timed(function, *args, **kwargs):
-    start = time.perf_counter()
-    out = function(*args, **kwargs)
-    return out, time.perf_counter() - start
+class Clock:
+    """Wall and CPU seconds per dtype (CPU time: all threads of this process; on a shared
+    machine it counts only the cycles this process got, so its ratio is the steadier one)."""
+
+    def __init__(self) -> None:
+        self.wall = dict.fromkeys(DTYPES, 0.0)
+        self.cpu = dict.fromkeys(DTYPES, 0.0)
+
+    def run(self, name: str, function, *args, **kwargs):
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = function(*args, **kwargs)
+        self.wall[name] += time.perf_counter() - wall
+        self.cpu[name] += time.process_time() - cpu
+        return out
+
+    def summary(self, per: int = 1) -> dict:
+        return {
+            "wall_s": {name: round(self.wall[name] / per, 2) for name in DTYPES},
+            "cpu_s": {name: round(self.cpu[name] / per, 2) for name in DTYPES},
+            "speed_up_wall": round(self.wall["float32"] / self.wall["bfloat16"], 2),
+            "speed_up_cpu": round(self.cpu["float32"] / self.cpu["bfloat16"], 2),
+        }
+
+
+def chunks(records: list, size: int) -> list[list]:
+    return [records[i : i + size] for i in range(0, len(records), size)]
 
 
 def extraction(models, text, batch_size, n_vector, n_heldout):
-    """Vector on one part, layer choice on the other, in both dtypes."""
+    """Vector on one part, layer choice on the other; dtypes alternate batch by batch."""
     safety = prompts.text("davsp_safety_prefix")
     fit = balanced(text, n_vector)
     heldout = balanced(text, n_heldout, skip=n_vector // 2)
     common = dict(safety_prompt=safety, blank_image=True, progress=False, batch_size=batch_size)
-    out = {}
-    for name, adapter in models.items():
+    clock = Clock()
+    parts: dict[str, list] = {name: [] for name in DTYPES}
+    for adapter in models.values():
         vectors.extract(adapter, fit[:2], [1], **common)  # warm-up: first forward allocates
-        (acts_fit, acts_held), seconds = timed(
-            lambda a=adapter: (
-                vectors.extract(a, fit, None, **common),
-                vectors.extract(a, heldout, None, **common),
-            )
-        )
+    for chunk in chunks(fit + heldout, batch_size):
+        for name, adapter in models.items():
+            parts[name].append(clock.run(name, vectors.extract, adapter, chunk, None, **common))
+    out = {}
+    for name in DTYPES:
+        acts = vectors.concat_activations(parts[name])
+        acts_fit = acts.select(np.arange(len(fit)))
+        acts_held = acts.select(np.arange(len(fit), len(acts)))
         vector = vectors.fit_vector(acts_fit)
         layer = diagnostics.choose_layer(diagnostics.layer_report(vector, acts_held), 0.01)
-        out[name] = {"seconds": seconds, "vector": vector, "heldout": acts_held, "layer": layer}
+        out[name] = {"vector": vector, "heldout": acts_held, "layer": layer}
     reference = out["float32"]["vector"]
     labels = out["float32"]["heldout"].labels
     shifts = {
@@ -107,9 +133,9 @@ def extraction(models, text, batch_size, n_vector, n_heldout):
     chosen = out["float32"]["layer"]
     return (
         {
-            "records": f"{len(fit)} for the vector + {len(heldout)} held-out, all layers",
-            "seconds": {name: round(out[name]["seconds"], 2) for name in DTYPES},
-            "speed_up": round(out["float32"]["seconds"] / out["bfloat16"]["seconds"], 2),
+            "records": f"{len(fit)} for the vector + {len(heldout)} held-out, all layers, "
+            f"batch {batch_size}",
+            **clock.summary(),
             "chosen_layer": {name: out[name]["layer"] for name in DTYPES},
             "same_layer": out["float32"]["layer"] == out["bfloat16"]["layer"],
             "max_dprojection_over_class_gap_at_chosen": round(shifts[chosen], 4),
@@ -124,23 +150,26 @@ def extraction(models, text, batch_size, n_vector, n_heldout):
 
 
 def generation(models, figstep, vector, layer, batch_size, max_new_tokens, defenses, folder):
-    """Responses of both dtypes under each defense; agreement of answers and verdicts."""
+    """Responses of both dtypes under each defense, alternating batch by batch; agreement."""
     judge = RefusalJudge("jailbreakbench")
-    rows = {name: [] for name in DTYPES}
-    seconds = dict.fromkeys(DTYPES, 0.0)
+    rows: dict[str, list] = {name: [] for name in DTYPES}
+    clock = Clock()
+    kwargs = dict(vector=vector, layer=layer, progress=False, batch_size=batch_size)
+    for name, adapter in models.items():
+        for record in figstep:  # fill the OCR cache: the reader is float32 in both
+            adapter.read_text(canvas_for(adapter, record))
+        warm = Path(folder) / f"warm-{name}.jsonl"  # first generate call allocates
+        generate_responses(adapter, figstep[:1], make_defense("none"), warm, max_new_tokens=1,
+                           **kwargs)  # fmt: skip
     for defense_name in defenses:
         defense = make_defense(defense_name)
-        for name, adapter in models.items():
-            kwargs = dict(batch_size=batch_size, vector=vector, layer=layer, progress=False)
-            path = Path(folder) / f"{defense_name}-{name}"
-            warm = Path(f"{path}-warm.jsonl")  # fills the OCR cache; first forward allocates
-            generate_responses(adapter, figstep, defense, warm, max_new_tokens=1, **kwargs)
-            out, spent = timed(
-                generate_responses, adapter, figstep, defense, Path(f"{path}.jsonl"),
-                max_new_tokens=max_new_tokens, **kwargs,
-            )  # fmt: skip
-            rows[name] += out
-            seconds[name] += spent
+        for index, chunk in enumerate(chunks(figstep, batch_size)):
+            for name, adapter in models.items():
+                path = Path(folder) / f"{defense_name}-{index}-{name}.jsonl"
+                rows[name] += clock.run(
+                    name, generate_responses, adapter, chunk, defense, path,
+                    max_new_tokens=max_new_tokens, **kwargs,
+                )  # fmt: skip
     a, b = rows["float32"], rows["bfloat16"]
     same_answer = sum(x["response"] == y["response"] for x, y in zip(a, b, strict=True))
     refusals = {n: [judge.is_refusal(r["response"]) for r in rows[n]] for n in DTYPES}
@@ -152,8 +181,7 @@ def generation(models, figstep, vector, layer, batch_size, max_new_tokens, defen
     return {
         "records": f"{len(figstep)} FigStep images x defenses {list(defenses)}, "
         f"{max_new_tokens} new tokens, batch {batch_size}",
-        "seconds": {name: round(seconds[name], 2) for name in DTYPES},
-        "speed_up": round(seconds["float32"] / seconds["bfloat16"], 2),
+        **clock.summary(),
         "identical_answers": f"{same_answer}/{len(a)} ({same_answer / len(a):.0%})",
         "identical_refusal_verdicts": f"{same_verdict}/{len(a)} ({same_verdict / len(a):.0%})",
         "refusals": {name: int(sum(refusals[name])) for name in DTYPES},
@@ -192,39 +220,41 @@ def op_profile(models, text, batch_size):
     }
 
 
-def train_steps(adapter, data, config, direction, prompt, steps):
-    """``steps`` alternating Adam steps from the blank border; losses, seconds, first grad."""
-    delta = prompt.delta.clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([delta], lr=config.lr)
-    plan = training.batch_plan(config, len(data.malicious), len(data.benign))
-    losses, seconds, first_grad = [], [], None
-    with adapter.shared_border():
-        for step in range(steps):
-            entry = plan[step]
-            records = [data.malicious[i] for i in entry.malicious]
-            records += [data.benign[i] for i in entry.benign]
-            start = time.perf_counter()
-            images = prompt.apply(torch.stack([data.canvases[r.id] for r in records]), delta)
+class BorderRun:
+    """One training run from the blank border: Adam, alternating steps of the batch plan."""
+
+    def __init__(self, adapter, data, config, direction, prompt):
+        self.adapter, self.data, self.config = adapter, data, config
+        self.direction, self.prompt = direction, prompt
+        self.delta = prompt.delta.clone().requires_grad_(True)
+        self.optimizer = torch.optim.Adam([self.delta], lr=config.lr)
+        self.plan = training.batch_plan(config, len(data.malicious), len(data.benign))
+        self.losses: list[float] = []
+        self.first_grad: torch.Tensor | None = None
+
+    def step(self, step: int) -> None:
+        data, entry = self.data, self.plan[step]
+        records = [data.malicious[i] for i in entry.malicious]
+        records += [data.benign[i] for i in entry.benign]
+        canvases = torch.stack([data.canvases[r.id] for r in records])
+        with self.adapter.shared_border():
             out = training.forward_losses(
-                adapter, images, [data.conversations[r.id] for r in records],
-                [r.is_malicious for r in records], [data.answers[r.id] for r in records],
-                config, direction,
+                self.adapter, self.prompt.apply(canvases, self.delta),
+                [data.conversations[r.id] for r in records], [r.is_malicious for r in records],
+                [data.answers[r.id] for r in records], self.config, self.direction,
             )  # fmt: skip
             out.loss.backward()
-            with torch.no_grad():
-                delta.grad.mul_(prompt.mask())
-            if first_grad is None:
-                first_grad = delta.grad.detach().clone()
-            optimizer.step()
-            with torch.no_grad():
-                delta.clamp_(0, 1)
-            delta.grad = None
-            seconds.append(time.perf_counter() - start)
-            losses.append(round(float(out.loss.detach()), 4))
-    return losses, seconds, first_grad
+        with torch.no_grad():
+            self.delta.grad.mul_(self.prompt.mask())
+            if self.first_grad is None:
+                self.first_grad = self.delta.grad.detach().clone()
+            self.optimizer.step()
+            self.delta.clamp_(0, 1)
+        self.delta.grad = None
+        self.losses.append(round(float(out.loss.detach()), 4))
 
 
-def training_workload(models, figstep, vector, layer, steps, batch_size, answer_tokens):
+def training_workload(models, figstep, vector, layer, steps, batch_size, answer_tokens, warm_up):
     reference = models["float32"]
     scores = vector.project(
         vectors.extract(reference, figstep, [layer], blank_image=True, progress=False), layer
@@ -243,20 +273,23 @@ def training_workload(models, figstep, vector, layer, steps, batch_size, answer_
         answer_tokens=answer_tokens, batch_size=batch_size, progress=False,
     )  # fmt: skip
     direction = vector.direction(layer, dtype=torch.float32)
-    out = {}
-    for name, adapter in models.items():
-        train_steps(adapter, data, config, direction, prompt, 2)  # warm-up (both step kinds)
-        out[name] = train_steps(adapter, data, config, direction, prompt, steps)
-    g32, g16 = out["float32"][2].flatten(), out["bfloat16"][2].flatten()
+    for adapter in models.values():  # warm-up: both step kinds, OCR cache filled
+        warm = BorderRun(adapter, data, config, direction, prompt)
+        for step in range(warm_up):
+            warm.step(step)
+    runs = {n: BorderRun(a, data, config, direction, prompt) for n, a in models.items()}
+    clock = Clock()
+    for step in range(steps):  # the dtypes alternate step by step
+        for name, run in runs.items():
+            clock.run(name, run.step, step)
+    g32, g16 = runs["float32"].first_grad.flatten(), runs["bfloat16"].first_grad.flatten()
     cosine = float(torch.nn.functional.cosine_similarity(g32, g16, dim=0))
-    mean = {name: statistics.mean(out[name][1]) for name in DTYPES}
     return {
         "records": f"{len(malicious)} + {len(benign)} FigStep images, batch {batch_size}, "
-        f"layer {layer}, {steps} alternating Adam steps (lr 0.1, lam {config.lam})",
-        "seconds_per_step": {name: round(mean[name], 2) for name in DTYPES},
-        "speed_up": round(mean["float32"] / mean["bfloat16"], 2),
+        f"layer {layer}, {steps} alternating Adam steps (lr 0.1, lam {config.lam}); per step",
+        **clock.summary(per=steps),
         "first_step_gradient_cosine": round(cosine, 4),
-        "losses": {name: out[name][0] for name in DTYPES},
+        "losses": {name: runs[name].losses for name in DTYPES},
     }
 
 
@@ -273,6 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-batch-size", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--only", default="extraction,generation,training,profile")
+    parser.add_argument(
+        "--layer", type=int, default=None,
+        help="without 'extraction' in --only: the layer (float32 vector there only)",
+    )  # fmt: skip
+    parser.add_argument("--warm-up-steps", type=int, default=2)
     args = parser.parse_args(argv)
     wanted = args.only.split(",")
 
@@ -307,7 +345,14 @@ def main(argv: list[str] | None = None) -> int:
     if "training" in wanted:
         records = balanced(figstep, args.train_records, skip=args.n_generate // 2)
         summary["training"] = training_workload(
-            models, records, vector, layer, args.train_steps, args.train_batch_size, 16
+            models,
+            records,
+            vector,
+            layer,
+            args.train_steps,
+            args.train_batch_size,
+            16,
+            args.warm_up_steps,
         )
         print(json.dumps({"training": summary["training"]}))
     summary["load_average_before_after"] = [
