@@ -327,10 +327,19 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
-    result, vector, layer = extraction(models, text, args.batch_size, args.n_vector, args.n_heldout)
-    if "extraction" in wanted:
+    if "extraction" in wanted or args.layer is None:
+        result, vector, layer = extraction(
+            models, text, args.batch_size, args.n_vector, args.n_heldout
+        )
         summary["extraction"] = result
         print(json.dumps({"extraction": result}))
+    else:  # a float32 vector at the given layer only (truncated forwards: cheap)
+        layer = args.layer
+        acts = vectors.extract(
+            models["float32"], balanced(text, args.n_vector), [layer],
+            safety_prompt=prompts.text("davsp_safety_prefix"), blank_image=True, progress=False,
+        )  # fmt: skip
+        vector = vectors.fit_vector(acts)
     if "generation" in wanted:
         records = balanced(figstep, args.n_generate)
         with tempfile.TemporaryDirectory() as folder:
