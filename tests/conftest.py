@@ -38,8 +38,12 @@ def _private_render_cache(
     monkeypatch.setenv("DAVSP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "render-cache"))
 
 
-def embedded_tiny_or_skip():
-    """The embedded ``tiny`` adapter, or a skip where the ``[tiny]`` extra is not installed."""
+def embedded_tiny_or_skip(dtype: str = "float32"):
+    """The embedded ``tiny`` adapter, or a skip where the ``[tiny]`` extra is not installed.
+
+    float32 unless asked: these tests compare paths (batched / per sample, cached / uncached)
+    to float32 rounding; the bfloat16 default is tested in ``test_embedded_model.py``.
+    """
     from davsp_lib.embedded.reader import find_weights
     from davsp_lib.embedded.weights import SOURCES, MissingPartError
 
@@ -50,4 +54,4 @@ def embedded_tiny_or_skip():
         pytest.skip(f"embedded model not installed: {error}")
     from davsp_lib.adapters import load_adapter
 
-    return load_adapter("tiny")
+    return load_adapter("tiny", dtype=dtype)

@@ -156,3 +156,104 @@ def test_text_only_conversation(adapter):
     with torch.no_grad():
         states = adapter.hidden_states(None, [short("Hello", has_image=False)], [3])
     assert states.shape == (1, 1, 896)
+
+
+# ------------------------------------------------------------------------------ dtypes
+
+
+@pytest.fixture(scope="module")
+def bf16_adapter():
+    embedded_tiny_or_skip()  # skip where the model is not installed
+    from davsp_lib.adapters import load_adapter
+
+    return load_adapter("tiny")  # the default: a bfloat16 language model
+
+
+def test_the_default_is_a_bfloat16_lm_with_a_float32_reader(bf16_adapter):
+    assert {p.dtype for p in bf16_adapter.lm.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in bf16_adapter.reader.model.parameters()} == {torch.float32}
+    assert bf16_adapter.dtype == torch.bfloat16
+    assert bf16_adapter.info()["dtype"] == "bfloat16"
+
+
+def test_float32_is_available_and_holds_the_stored_weights_exactly(adapter, bf16_adapter):
+    from safetensors.torch import load_file
+
+    from davsp_lib.embedded.weights import model_dir
+
+    stored = load_file(model_dir("tiny", log=lambda *_: None) / "model.safetensors")
+    fp32 = adapter.lm.state_dict()
+    bf16 = bf16_adapter.lm.state_dict()
+    assert adapter.dtype == torch.float32 and adapter.info()["dtype"] == "float32"
+    for name, tensor in stored.items():
+        assert fp32[name].dtype == torch.float32
+        assert torch.equal(fp32[name], tensor.float()), name
+        assert torch.equal(bf16[name], tensor.to(torch.bfloat16)), name
+
+
+def test_unknown_embedded_dtype_is_refused():
+    from davsp_lib.embedded.model import load_embedded
+
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        load_embedded("tiny", dtype=torch.float64)
+
+
+def test_bfloat16_lm_keeps_border_projection_and_losses_in_float32(bf16_adapter, canvases):
+    from davsp_lib import training
+    from davsp_lib.vsp import VisualSafetyPrompt
+
+    records, images = canvases
+    prompt = VisualSafetyPrompt.blank(bf16_adapter.image_size, 30)
+    delta = (prompt.delta * 0.5).requires_grad_(True)  # a grey ring: the border path is live
+    shown = prompt.apply(images, delta)
+    convs = [short(r.query) for r in records]
+    assert bf16_adapter.border_embeddings_batch(shown).dtype == torch.float32
+    assert bf16_adapter.encode(shown, convs).model_inputs["inputs_embeds"].dtype == torch.bfloat16
+    with torch.no_grad():
+        assert bf16_adapter.hidden_states(shown, convs, [6]).dtype == torch.bfloat16
+    config = training.TrainConfig(layer=6, mu_plus=1e4, mu_minus=-1e4, lam=0.5)  # hinge > 0
+    direction = torch.nn.functional.normalize(
+        torch.randn(bf16_adapter.hidden_size, generator=torch.Generator().manual_seed(0)), dim=0
+    )
+    out = training.forward_losses(
+        bf16_adapter, shown, convs, [True, False], [None, "It says hello."], config, direction
+    )
+    assert out.loss.dtype == torch.float32
+    assert out.projection_loss > 0 and out.output_loss > 0
+    out.loss.backward()
+    assert delta.grad.dtype == torch.float32
+    assert torch.isfinite(delta.grad).all() and (delta.grad.abs() * prompt.mask()).sum() > 0
+
+
+def test_bfloat16_states_follow_float32_states(adapter, bf16_adapter, canvases):
+    from davsp_lib.vectors import extract
+
+    records, _ = canvases
+    fp32 = extract(adapter, records, [6, 24], blank_image=True, progress=False)
+    bf16 = extract(bf16_adapter, records, [6, 24], blank_image=True, progress=False)
+    assert bf16.states.dtype == torch.float64 and bf16.meta["dtype"]["model"] == "bfloat16"
+    assert fp32.meta["dtype"]["model"] == "float32"
+    cosine = torch.nn.functional.cosine_similarity(fp32.states, bf16.states, dim=-1)
+    assert cosine.min() > 0.98, cosine
+
+
+def test_without_the_default_system_turn_the_prompt_starts_at_the_user_turn(adapter):
+    conv = short("What does it say?", safety_prompt="Be safe.")
+    with_turn, slots = adapter.prompt_ids(conv, "hello")
+    system = adapter.tokenizer(
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+        "assistant.<|im_end|>\n",
+        add_special_tokens=False,
+    )["input_ids"]
+    assert with_turn[: len(system)] == system
+    adapter.system_turn = False
+    try:
+        without, slots_without = adapter.prompt_ids(conv, "hello")
+        own_system, _ = adapter.prompt_ids(short("Hi", system_prompt="Be brief."), "hello")
+        info = adapter.info()
+    finally:
+        adapter.system_turn = True
+    assert without == with_turn[len(system) :]
+    assert slots_without == [s - len(system) for s in slots]
+    assert adapter.tokenizer.decode(own_system).startswith("<|im_start|>system\nBe brief.")
+    assert info["system_turn"] is False and "system_turn" not in adapter.info()

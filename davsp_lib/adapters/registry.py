@@ -78,6 +78,9 @@ def load_adapter(
     for disk offload; gradients still reach the pixels through accelerate's hooks.
     Qwen2-VL also takes ``image_size="native:SIDE"`` (the processor's own resize of a square
     image of that side, see :func:`~davsp_lib.adapters.qwen2_vl.canvas_option`).
+
+    ``dtype="auto"`` keeps a checkpoint's own dtype; for the embedded models it is their
+    default, a bfloat16 language model (``"float32"`` reproduces earlier results exactly).
     """
     from transformers import AutoConfig
 

@@ -45,6 +45,11 @@ from davsp_lib.embedded.reader import (
 IMAGE_PLACEHOLDER = "<|image_pad|>"
 SLOT_TOKEN = " "
 IMAGE_TEXT_TEMPLATE = "The image shows this text: «{text}»"
+#: the language model's dtype by default: bf16 matmuls run ~2-4x faster than fp32 on CPUs with
+#: AVX512-BF16 / AMX (``benchmarks/bf16.py``); the reader, the border path and every loss and
+#: projection stay float32. ``dtype=torch.float32`` reproduces earlier results exactly.
+DEFAULT_DTYPE = torch.bfloat16
+LM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NO_TEXT = "The image shows no readable text."
 
 
@@ -99,6 +104,7 @@ class EmbeddedAdapter(VLMAdapter):
         border_width: int = 30,
         slots_per_side: int = 4,
         ocr_cache_size: int = 4096,
+        system_turn: bool = True,
         provenance: dict[str, Any] | None = None,
     ):
         if min(image_size) <= 2 * border_width + 16:
@@ -118,6 +124,9 @@ class EmbeddedAdapter(VLMAdapter):
         (self.slot_id,) = tokenizer(SLOT_TOKEN, add_special_tokens=False)["input_ids"]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._share_border = False
+        #: False: no system turn unless the conversation has a system prompt (Qwen's template
+        #: otherwise inserts its default one, the same ~20 tokens in every prompt)
+        self.system_turn = bool(system_turn)
 
     # -- structure -----------------------------------------------------------------------------
     @property
@@ -133,6 +142,7 @@ class EmbeddedAdapter(VLMAdapter):
             **super().info(),
             "border_width": self.border_width,
             "slots_per_side": self.slots_per_side,
+            **({} if self.system_turn else {"system_turn": False}),  # prompts differ: recorded
             **self.provenance,
         }
 
@@ -267,6 +277,8 @@ class EmbeddedAdapter(VLMAdapter):
         text = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=False
         )
+        if not self.system_turn and not conversation.system_prompt:
+            text = text[text.index("<|im_start|>user") :]
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if not conversation.has_image:
             return ids, []
@@ -344,11 +356,21 @@ def load_embedded(
     image_size: tuple[int, int] = (336, 336),
     border_width: int = 30,
     slots_per_side: int = 4,
-    dtype: torch.dtype = torch.float32,
+    system_turn: bool = True,
+    dtype: torch.dtype = DEFAULT_DTYPE,
     device: str | torch.device = "cpu",
     log=print,
 ) -> EmbeddedAdapter:
-    """Load the embedded default (``tiny``: Qwen2.5-Coder-0.5B, ``small``: 1.5B) with its reader."""
+    """Load the embedded default (``tiny``: Qwen2.5-Coder-0.5B, ``small``: 1.5B) with its reader.
+
+    ``dtype`` is the language model's (default bfloat16); the CRNN reader and the border path
+    always run in float32 (the border's gradient goes through them; they cost little), and the
+    border's slot embeddings are cast to ``dtype`` only where they join the token embeddings.
+    ``system_turn=False`` drops the chat template's default system turn (prompts without a
+    system prompt of their own then start at the user turn; see ``benchmarks/prompt_tokens.py``).
+    """
+    if dtype not in LM_DTYPES:
+        raise ValueError(f"embedded model dtype must be one of {LM_DTYPES}, got {dtype!r}")
     import json
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -359,7 +381,7 @@ def load_embedded(
     folder = model_dir(name, log=log)
     lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    reader = TextReader(load_crnn().to(device))
+    reader = TextReader(load_crnn().to(device, torch.float32))
     record = json.loads((folder / "davsp_embedded.json").read_text())
     provenance = {
         "language_model": record["model"],
@@ -374,5 +396,6 @@ def load_embedded(
         image_size=image_size,
         border_width=border_width,
         slots_per_side=slots_per_side,
+        system_turn=system_turn,
         provenance=provenance,
     )

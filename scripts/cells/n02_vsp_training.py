@@ -33,7 +33,9 @@ trained to make the model refuse malicious inputs).
     ("parameters", """
 # Parameters (papermill)
 model: str = "tiny"  # "tiny"/"small" (embedded default) or a LLaVA-1.5 / Qwen2-VL id or folder
-dtype: str = "auto"  # model dtype: auto, float32, bfloat16, float16 (losses are float32)
+dtype: str = "auto"  # model dtype: auto, float32, bfloat16, float16. auto: a bfloat16 LM
+# for the embedded model (losses, projections, border: float32), an HF checkpoint's own dtype
+# otherwise; float32 reproduces earlier embedded results exactly
 device: str = ""  # empty: CUDA when available, else CPU
 vector_path: str = "runs/interactive/01_harmfulness_vector/harmfulness_vector"  # from notebook 01
 layer_choice: str = "data"  # "data" / "reference": which of notebook 01's recorded choices

@@ -40,7 +40,9 @@ refuses sometimes. Without the benchmark mirror: the project's built-in instruct
     ("parameters", """
 # Parameters (papermill)
 model: str = "tiny"  # "tiny"/"small" (embedded default) or a LLaVA-1.5 / Qwen2-VL id or folder
-dtype: str = "auto"  # model dtype: auto, float32, bfloat16, float16
+dtype: str = "auto"  # model dtype: auto, float32, bfloat16, float16. auto: a bfloat16 LM
+# for the embedded model (losses, projections, border: float32), an HF checkpoint's own dtype
+# otherwise; float32 reproduces earlier embedded results exactly
 device: str = ""  # empty: the default (CPU); e.g. cuda
 data_root: str = ""  # benchmark mirror; "": $DAVSP_DATA_ROOT, else ../shared/data
 use_mirror: bool = True  # False: only the built-in dataset written by the project

@@ -36,7 +36,9 @@ b_canvas: int = 0  # B's square canvas in pixels; 0: its default (embedded 336, 
 b_border_width: int = 0  # embedded B's ring width; 0: 30 px scaled with the canvas
 fallback_canvas: int = 448  # when B's parts are not installed: model A on this canvas ...
 fallback_width: int = 40  # ... with this ring width
-dtype: str = "auto"  # model dtype: auto, float32, bfloat16, float16
+dtype: str = "auto"  # model dtype: auto, float32, bfloat16, float16. auto: a bfloat16 LM
+# for the embedded model (losses, projections, border: float32), an HF checkpoint's own dtype
+# otherwise; float32 reproduces earlier embedded results exactly
 device: str = ""  # empty: the default (CPU); e.g. cuda
 data_root: str = ""  # benchmark mirror; "": $DAVSP_DATA_ROOT, else ../shared/data
 use_mirror: bool = True  # False: only the built-in dataset written by the project
