@@ -147,7 +147,7 @@ def measure(adapter: EmbeddedAdapter, args, log=print) -> dict:
         schedule="alternate",
         checkpoint_every=args.steps,
         seed=args.seed,
-    )  # fmt: skip  (lam = 0: the DA hinge alone)
+    )  # lam = 0: the DA hinge alone
     blank = VisualSafetyPrompt.for_adapter(adapter, "border", width=adapter.border_width)
     canvases, conversations = {}, {}
     for record in [*chosen.malicious, *chosen.benign]:

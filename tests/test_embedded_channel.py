@@ -53,7 +53,14 @@ def test_save_and_load_round_trip(tmp_path):
 def test_shipped_connector_and_its_record():
     connector, record = load_connector(DEFAULT_CONNECTOR, hidden_size=896)
     assert connector.fc1.in_features == 4 * 384 and connector.fc2.out_features == 896
-    for key in ("objective", "data", "steps", "seed", "held_out_trained", "held_out_untrained"):
+    for key in (
+        "objective",
+        "data",
+        "steps",
+        "seed",
+        "held_out_trained",
+        "held_out_trained_mismatched_images",
+    ):
         assert key in record, key
     assert record == json.loads(DEFAULT_CONNECTOR.with_suffix(".json").read_text())
 

@@ -82,7 +82,8 @@ def test_resume_after_a_kill_is_exact(tokenizer, tmp_path):
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(),
                                  strict=True):  # fmt: skip
         assert torch.equal(a, b), name
-    assert record["history"] == record_b["history"]
+    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in record["history"]]
+    assert strip == [{k: v for k, v in h.items() if k != "seconds"} for h in record_b["history"]]
     assert record["history"][0]["loss"] != record["history"][-1]["loss"]  # it did train
 
 

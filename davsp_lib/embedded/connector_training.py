@@ -35,7 +35,7 @@ CHECKPOINT = "connector_checkpoint.safetensors"
 
 @dataclass(frozen=True)
 class ConnectorConfig:
-    steps: int = 60
+    steps: int = 40
     batch_size: int = 4
     lr: float = 1e-3
     seed: int = 0
@@ -162,6 +162,7 @@ def train_connector(
         log(f"resumed from step {start} of {config.steps}")
     began = time.perf_counter()
     for step in range(start, config.steps):
+        tick = time.perf_counter()
         batch = plan[step]
         loss, correct, count = caption_loss(
             lm, tokenizer, connector, grids[batch], [captions[i] for i in batch]
@@ -172,7 +173,10 @@ def train_connector(
         loss.backward()
         optimizer.step()
         value = loss.item()
-        history.append({"step": step + 1, "loss": value, "accuracy": correct / count})
+        seconds = round(time.perf_counter() - tick, 2)
+        history.append(
+            {"step": step + 1, "loss": value, "accuracy": correct / count, "seconds": seconds}
+        )
         log(
             f"step {step + 1}/{config.steps} loss {value:.4f} acc {correct / count:.3f} "
             f"({time.perf_counter() - began:.0f} s)"
@@ -183,6 +187,7 @@ def train_connector(
         "config": asdict(config),
         "history": history,
         "wall_seconds_this_run": round(time.perf_counter() - began, 1),
+        "training_seconds_all_runs": round(sum(h["seconds"] for h in history), 1),
     }
     atomic_write_json(folder / "connector_run.json", record)
     return connector.eval().requires_grad_(False), record
