@@ -116,7 +116,9 @@ def test_visual_tokens_sit_where_llava_puts_the_image(adapter, canvas):
     assert after.startswith("The image shows this text: «hello»\nWhat is it?")
     batch = adapter.encode(images, [Conversation("What is it?")])
     embeds = batch.model_inputs["inputs_embeds"][0]
-    start = int(batch.last_input_index[0]) + 1 - len(ids) + slots[0]
+    ids, slots = adapter.prompt_ids(Conversation("What is it?"), adapter.read_text(images[0]))
+    assert int(batch.last_input_index[0]) == len(ids) - 1  # one row: no padding
+    start = slots[0]
     with torch.no_grad():
         tokens = adapter.visual_tokens(images)[0]
     torch.testing.assert_close(embeds[start : start + 144], tokens, rtol=0, atol=0)
