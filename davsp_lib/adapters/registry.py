@@ -16,7 +16,7 @@ from davsp_lib.errors import UnsupportedModelError
 ADAPTERS: dict[str, type[VLMAdapter]] = {"llava": LlavaAdapter, "qwen2_vl": Qwen2VLAdapter}
 
 #: names of the embedded default models (built from PyPI parts, no model hub needed)
-EMBEDDED_NAMES = ("tiny", "small")
+EMBEDDED_NAMES = ("tiny", "small", "tiny-vit")
 
 
 def supported() -> list[str]:

