@@ -81,7 +81,7 @@ def adapter():
         pytest.skip(str(error))
     from davsp_lib.adapters import load_adapter
 
-    return load_adapter("tiny-vit")
+    return load_adapter("tiny-vit", dtype="float32")  # exact comparisons, as conftest does
 
 
 @pytest.fixture(scope="module")
