@@ -3,8 +3,8 @@
 - :class:`Defense`: a text part (a safety prompt from ``prompts.json`` and where it goes) and an
   optional image part (a trained :class:`~davsp_lib.vsp.VisualSafetyPrompt`, border or additive).
   :func:`load_defenses` builds the standard set (no defense, AdaShield-S, UniGuard, DAVSP and its
-  ablations) from a training folder, skipping (with a note) the trained ones whose artifact is
-  missing.
+  ablations, ESIII and PAT, whose builders live in :mod:`davsp_lib.esiii` / :mod:`davsp_lib.pat`)
+  from a training folder, skipping (with a note) the trained ones whose artifact is missing.
 - :func:`generate_responses`: greedy, batched generation through any adapter with a defense
   applied; one JSON line per record, flushed and fsynced per batch. A rerun on the same file
   validates it and continues with the missing records only, so an interrupted run ends with
