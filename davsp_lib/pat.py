@@ -165,14 +165,16 @@ def embedding_layer(adapter: VLMAdapter) -> torch.nn.Module:
 
 @functools.lru_cache(maxsize=4)
 def _disallowed(tokenizer: Any, vocab_size: int) -> torch.Tensor:
-    """Token ids a control may not use: specials, non-ASCII or non-printable text, newlines."""
+    """Token ids a control may not use: special and added tokens, non-ASCII or non-printable
+    text, newlines."""
     banned = torch.zeros(vocab_size, dtype=torch.bool)
     texts = tokenizer.batch_decode([[i] for i in range(min(vocab_size, len(tokenizer)))])
     for index, text in enumerate(texts):
         if not text.strip() or not (text.isascii() and text.isprintable()):
             banned[index] = True
     banned[len(texts) :] = True
-    for special in tokenizer.all_special_ids:
+    # specials, and added tokens that are not flagged special (e.g. Qwen's <|fim_pad|>)
+    for special in [*tokenizer.all_special_ids, *getattr(tokenizer, "added_tokens_decoder", {})]:
         if 0 <= special < vocab_size:
             banned[special] = True
     return banned

@@ -70,6 +70,16 @@ def test_candidates_change_one_allowed_token_each():
     assert [int(i) for i in (torch.arange(8) * 4 // 8)] == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
+def test_special_and_added_tokens_are_never_candidates(setup):
+    adapter, _ = setup
+    vocab = pat.embedding_layer(adapter).weight.shape[0]
+    banned = pat._disallowed(adapter.tokenizer, vocab)
+    added = [i for i in adapter.tokenizer.added_tokens_decoder if i < vocab]
+    assert added and banned[added].all()
+    (exclamation,) = adapter.tokenizer("!", add_special_tokens=False)["input_ids"]
+    assert not banned[exclamation]
+
+
 def test_initial_control_is_a_run_of_exclamation_marks(setup):
     adapter, _ = setup
     ids = pat.initial_ids(adapter, 4, lambda ids: True)
