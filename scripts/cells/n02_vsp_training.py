@@ -76,8 +76,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from davsp_lib import notebook as nb
 from davsp_lib import esiii, pat, plots, prompts, training, vectors
+from davsp_lib import notebook as nb
 from davsp_lib.adapters import load_adapter
 from davsp_lib.vsp import VisualSafetyPrompt, default_width
 
