@@ -3,8 +3,8 @@
 - :class:`Defense`: a text part (a safety prompt from ``prompts.json`` and where it goes) and an
   optional image part (a trained :class:`~davsp_lib.vsp.VisualSafetyPrompt`, border or additive).
   :func:`load_defenses` builds the standard set (no defense, AdaShield-S, UniGuard, DAVSP and its
-  ablations) from a training folder, skipping (with a note) the trained ones whose artifact is
-  missing.
+  ablations, ESIII and PAT, whose builders live in :mod:`davsp_lib.esiii` / :mod:`davsp_lib.pat`)
+  from a training folder, skipping (with a note) the trained ones whose artifact is missing.
 - :func:`generate_responses`: greedy, batched generation through any adapter with a defense
   applied; one JSON line per record, flushed and fsynced per batch. A rerun on the same file
   validates it and continues with the missing records only, so an interrupted run ends with
@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import random
@@ -53,6 +54,9 @@ class DefenseSpec:
     prompt: str | None = None
     placement: Placement = "prefix"
     variant: str | None = None  # ``<training_dir>/<variant>.safetensors/.json``
+    #: ``"module:function"`` that builds the defense from its artifact instead of
+    #: :func:`make_defense`'s default (baselines in their own modules, imported when used)
+    builder: str | None = None
 
 
 #: The standard defenses. The DA-only and VSP-only ablations keep DAVSP's text prefix so that
@@ -85,6 +89,13 @@ DEFENSES: dict[str, DefenseSpec] = {
     "davsp_prefix": DefenseSpec("DAVSP prefix only (text)", "davsp_safety_prefix", "prefix"),
     # the trained border without its text prefix: what the image part does on its own
     "davsp_border": DefenseSpec("DAVSP border only (no prefix)", variant="davsp"),
+    # baselines of the paper's table, trained by their own modules (notebook 02)
+    "esiii": DefenseSpec(
+        "ESIII (defensive image + text)", None, "prefix", "esiii", "davsp_lib.esiii:make_defense"
+    ),
+    "pat": DefenseSpec(
+        "PAT (tuned text prefix)", None, "prefix", "pat", "davsp_lib.pat:make_defense"
+    ),
 }
 
 
@@ -110,6 +121,8 @@ class Defense:
     vsp: VisualSafetyPrompt | None = field(default=None, compare=False)
     variant: str | None = None
     source: str | None = None
+    #: a trained text artifact (e.g. :class:`davsp_lib.pat.PATControl`) with ``.metadata``
+    trained: Any = field(default=None, compare=False)
 
     def placer(self, adapter: VLMAdapter) -> Placer:
         """How a user image reaches the canvas: the VSP's ``place`` (as in training), else the
@@ -160,6 +173,10 @@ def make_defense(
     if name not in DEFENSES:
         raise ValueError(f"unknown defense {name!r}; known: {sorted(DEFENSES)}")
     spec = DEFENSES[name]
+    if spec.builder is not None:
+        module, function = spec.builder.split(":")
+        build = getattr(importlib.import_module(module), function)
+        return build(name, spec, training_dir=training_dir, adapter=adapter, root=root)
     text = prompts.text(spec.prompt, root) if spec.prompt else None
     vsp, source = None, None
     if spec.variant is not None:

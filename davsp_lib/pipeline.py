@@ -51,6 +51,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "lr": 0.1,
             "answer_tokens": 24,
             "snapshots": 4,
+            "esiii_steps": 16,
+            "pat_steps": 4,
+            "pat_candidates": 8,
         },
         "03_evaluation": {
             "n_figstep": 8,
@@ -114,7 +117,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "answer_tokens": 4,
             "checkpoint_every": 1,
             "snapshots": 2,
-            "variants": ["davsp", "uniguard"],
+            "variants": ["davsp", "uniguard", "esiii", "pat"],
+            "esiii_steps": 1,
+            "pat_steps": 1,
+            "pat_control_len": 4,
+            "pat_candidates": 2,
+            "pat_batch_size": 1,
         },
         "03_evaluation": {
             "n_figstep": 1,
@@ -124,7 +132,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "n_mmvet": 1,
             "batch_size": 4,
             "max_new_tokens": 8,
-            "defenses": "none,adashield_s,uniguard,davsp",
+            "defenses": "none,adashield_s,uniguard,davsp,esiii,pat",
         },
         "04_intervention": {
             "alphas": [0.0, 2.0],
@@ -191,6 +199,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "schedule": "random",
             "answer_tokens": 128,
             "checkpoint_every": 50,
+            "esiii_steps": 1000,  # not given by the ESIII paper (our choice)
+            "pat_steps": 100,  # the PAT reference: n_steps 100, 256 candidates, top-k 256
+            "pat_candidates": 256,
+            "pat_batch_size": 8,
         },
         "03_evaluation": {  # the evaluation pool: everything the other pools left
             "dtype": "bfloat16",

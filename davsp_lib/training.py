@@ -48,13 +48,15 @@ from davsp_lib.vsp import VisualSafetyPrompt, placer_for
 if TYPE_CHECKING:
     from davsp_lib.pools import Pools
 
-Variant = Literal["davsp", "da_noise", "vsp_output", "uniguard"]
+Variant = Literal["davsp", "da_noise", "vsp_output", "uniguard", "esiii"]
 #: variant -> (prompt kind, projection loss?, benign output loss?, malicious refusal loss?)
 VARIANTS: dict[str, tuple[str, bool, bool, bool]] = {
     "davsp": ("border", True, True, False),  # the method: border + DA + benign output loss
     "da_noise": ("additive", True, True, False),  # ablation: DA with additive noise, no padding
     "vsp_output": ("border", False, True, True),  # ablation: border, output loss only
     "uniguard": ("additive", False, False, True),  # baseline: eps-bounded noise -> refusal
+    # baseline (davsp_lib.esiii): eps-bounded image -> a corpus of security instructions
+    "esiii": ("additive", False, False, True),
 }
 #: the refusal the output-only variants are trained to produce on malicious inputs
 REFUSAL_TARGET = "I'm sorry, but I can't help with that request."
@@ -175,7 +177,7 @@ def batch_plan(config: TrainConfig, n_malicious: int, n_benign: int) -> list[Ste
         generator = torch.Generator().manual_seed(config.seed)
         coins = torch.rand(config.steps, generator=generator).tolist()
         kinds = [(size, 0) if c < 0.5 else (0, size) for c in coins]
-    if config.variant == "uniguard":  # UniGuard trains on the harmful corpus only
+    if config.variant in ("uniguard", "esiii"):  # one target corpus, no benign side
         kinds = [(size, 0)] * config.steps
     mal = _draws(n_malicious, sum(k[0] for k in kinds), config.seed, 1) if n_malicious else []
     ben = _draws(n_benign, sum(k[1] for k in kinds), config.seed, 2) if n_benign else []
@@ -431,6 +433,11 @@ def _load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     if header.get("format") != CHECKPOINT_FORMAT or "delta" not in tensors:
         raise DataError(path, f"not a training checkpoint (format {header.get('format')!r})")
     return tensors, header["state"]
+
+
+#: the same checkpoint files for the other trainers (``davsp_lib.esiii``, ``davsp_lib.pat``)
+save_checkpoint = _save_checkpoint
+load_checkpoint = _load_checkpoint
 
 
 # ------------------------------------------------------------------------------ the loop

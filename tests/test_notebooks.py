@@ -62,20 +62,29 @@ def test_training_notebook_writes_each_variant_and_resumes(smoke_run):
     run_dir, _ = smoke_run
     folder = run_dir / "02_vsp_training"
     results = json.loads((folder / "results.json").read_text())
+    from davsp_lib.pat import PATControl
     from davsp_lib.vsp import VisualSafetyPrompt
 
-    for variant, info in results["results"]["variants"].items():
+    def trained(variant):  # PAT's artifact is a token prefix, the others an image prompt
+        if variant == "pat":
+            control = PATControl.load(folder / variant)
+            return control.metadata, control.ids
         prompt = VisualSafetyPrompt.load(folder / variant)
-        assert prompt.metadata["steps_done"] == info["steps"]
-        assert prompt.metadata["vector"]["layer"] == results["results"]["layer"]
+        return prompt.metadata, prompt.delta
+
+    for variant, info in results["results"]["variants"].items():
+        metadata, _ = trained(variant)
+        assert metadata["steps_done"] == info["steps"]
+        if variant not in ("esiii", "pat"):  # those two do not use the vector
+            assert metadata["vector"]["layer"] == results["results"]["layer"]
     # a rerun finds the finished checkpoints: nothing is retrained, same borders
-    before = {v: VisualSafetyPrompt.load(folder / v).delta for v in results["results"]["variants"]}
+    before = {v: trained(v)[1] for v in results["results"]["variants"]}
     steps = run_pipeline(run_dir, preset="smoke", only=["02"], log=lambda _: None)
     assert steps[0].status == "ok"
     again = json.loads((folder / "results.json").read_text())["results"]["variants"]
     assert all(info["resumed_from"] == info["steps"] for info in again.values())
     for variant, delta in before.items():
-        assert (VisualSafetyPrompt.load(folder / variant).delta == delta).all()
+        assert (trained(variant)[1] == delta).all()
 
 
 def test_data_tour_without_mirror(tmp_path):

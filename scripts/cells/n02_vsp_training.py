@@ -28,7 +28,11 @@ A step that needs only the projection stops the forward at layer `l`. The same c
 ablations and the UniGuard baseline that notebook 03 compares: `da_noise` (DA with additive noise
 over the whole image, no padding), `vsp_output` (border with the output loss only: a refusal on
 malicious inputs, the reference answer on benign ones) and `uniguard` (ε-bounded additive noise
-trained to make the model refuse malicious inputs).
+trained to make the model refuse malicious inputs). Two more baselines of the paper's table train
+in their own modules: `esiii` (`davsp_lib.esiii`: a defensive image optimised from a blank start
+so that the model describes it as a corpus of security instructions; at inference it is fused with
+the user image and a text instruction goes with the query) and `pat` (`davsp_lib.pat`: Prompt
+Adversarial Tuning, a token prefix tuned by GCG against a GCG attacker).
 """),
     ("parameters", """
 # Parameters (papermill)
@@ -50,7 +54,7 @@ n_train: int = 32  # training records per class
 n_heldout: int = 16  # held-out records per class (projections before/after)
 n_mmvet: int = 0  # MM-Vet photos added to the benign training side (reference answers)
 safety_prefix: bool = True  # DAVSP's text safety prefix in every prompt, as in the reference
-variants: list = ["davsp", "da_noise", "vsp_output", "uniguard"]  # what to train (davsp first)
+variants: list = ["davsp", "da_noise", "vsp_output", "uniguard", "esiii", "pat"]  # davsp first
 steps: int = 60  # optimisation steps of the DAVSP border
 ablation_steps: int = 30  # steps of the other variants
 batch_size: int = 4
@@ -65,6 +69,14 @@ schedule: str = "alternate"  # "alternate", "mix" or "random" (the reference: a 
 width: int = 0  # border width p in canvas pixels; 0: the model's default (30 on 336 px)
 epsilon: float = 0.0627  # bound of the additive variants (16/255, UniGuard's)
 answer_tokens: int = 32  # length of the model's own benign answers used as targets
+esiii_steps: int = 100  # ESIII: PGD steps of the defensive image
+esiii_step_size: float = 0.00392156862745098  # ESIII: signed step (1/255)
+esiii_epsilon: float = 0.12549019607843137  # ESIII: L-inf bound of the defensive image (32/255)
+pat_steps: int = 20  # PAT: GCG steps (reference 100)
+pat_control_len: int = 15  # PAT: tokens of the defense control (reference 15)
+pat_candidates: int = 64  # PAT: candidates per GCG step (reference 256)
+pat_topk: int = 256  # PAT: top-k tokens per position (reference 256)
+pat_batch_size: int = 2  # PAT: malicious and benign records per step (each)
 checkpoint_every: int = 10  # steps between atomic checkpoints (a rerun resumes from the last)
 snapshots: int = 4  # border snapshots shown along the run
 seed: int = 0
@@ -78,8 +90,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from davsp_lib import esiii, pat, plots, prompts, training, vectors
 from davsp_lib import notebook as nb
-from davsp_lib import plots, prompts, training, vectors
 from davsp_lib import pools as pools_lib
 from davsp_lib.adapters import load_adapter
 from davsp_lib.vsp import VisualSafetyPrompt, default_width
@@ -104,7 +116,9 @@ nb.check("n_mmvet", n_mmvet, int, minimum=0)
 nb.check("safety_prefix", safety_prefix, bool)
 nb.check("variants", variants, list)
 for variant in variants:
-    nb.check("variants[]", variant, str, choices=sorted(training.VARIANTS))
+    nb.check("variants[]", variant, str, choices=[*sorted(training.VARIANTS), "pat"])
+if not set(variants) - {"pat"}:
+    raise nb.ParameterError("variants needs at least one image prompt besides 'pat'")
 nb.check("steps", steps, int, minimum=1)
 nb.check("ablation_steps", ablation_steps, int, minimum=1)
 nb.check("optimizer", optimizer, str, choices=["adam", "sign"])
@@ -114,6 +128,11 @@ nb.check("schedule", schedule, str, choices=["alternate", "mix", "random"])
 nb.check("width", width, int, minimum=0)
 nb.check("epsilon", epsilon, float, minimum=1e-6, maximum=1.0)
 nb.check("answer_tokens", answer_tokens, int, minimum=1)
+for name in ("esiii_steps", "pat_steps", "pat_control_len", "pat_candidates", "pat_topk",
+             "pat_batch_size"):
+    nb.check(name, globals()[name], int, minimum=1)
+nb.check("esiii_step_size", esiii_step_size, float, minimum=1e-8)
+nb.check("esiii_epsilon", esiii_epsilon, float, minimum=1e-6, maximum=1.0)
 nb.check("checkpoint_every", checkpoint_every, int, minimum=1)
 nb.check("snapshots", snapshots, int, minimum=1, maximum=8)
 output_dir, figures_dir = Path(output_dir), Path(figures_dir)
@@ -127,7 +146,10 @@ parameters = dict(
     n_mmvet=n_mmvet, safety_prefix=safety_prefix, variants=variants, steps=steps,
     ablation_steps=ablation_steps, batch_size=batch_size, optimizer=optimizer, lr=lr, lam=lam,
     schedule=schedule, width=width, epsilon=epsilon, answer_tokens=answer_tokens,
-    checkpoint_every=checkpoint_every, snapshots=snapshots, seed=seed,
+    checkpoint_every=checkpoint_every, snapshots=snapshots, seed=seed, esiii_steps=esiii_steps,
+    esiii_step_size=esiii_step_size, esiii_epsilon=esiii_epsilon, pat_steps=pat_steps,
+    pat_control_len=pat_control_len, pat_candidates=pat_candidates, pat_topk=pat_topk,
+    pat_batch_size=pat_batch_size,
 )
 """),
     ("code", """
@@ -183,43 +205,75 @@ safety = prompts.text("davsp_safety_prefix", mirror_root) if safety_prefix else 
 
 Each variant trains into `output_dir/<variant>/` (checkpoints; rerunning the notebook resumes
 from the last one and ends with the same border) and is saved as `<variant>.safetensors` +
-`<variant>.json` for notebook 03. The benign targets of the output loss are the model's own
+`<variant>.json` for notebook 03 (ESIII: its defensive image and text instruction; PAT: the
+tuned control's token ids and text). The benign targets of the output loss are the model's own
 *undefended* answers (no prompt, no border), generated once and cached in `answers.json`.
 """),
     ("code", """
-results_by_variant, trained = {}, {}
+results_by_variant, trained, texts_of, pat_run = {}, {}, {}, None
+data_ids = {"source": data.source, "ids": {"malicious": [r.id for r in data.malicious],
+                                           "benign": [r.id for r in data.benign]}}
 for variant in variants:
-    config = training.TrainConfig(
-        layer=layer, mu_plus=mu_plus, mu_minus=mu_minus, variant=variant,
-        steps=steps if variant == "davsp" else ablation_steps, batch_size=batch_size,
-        optimizer=optimizer, lr=lr, lam=lam, schedule=schedule, width=width, epsilon=epsilon,
-        malicious_output_p=malicious_output_p, answer_eos=answer_eos,
-        checkpoint_every=checkpoint_every,
-        snapshot_every=max(1, steps // snapshots) if variant == "davsp" else 0, seed=seed,
-    )
-    init = VisualSafetyPrompt.for_adapter(
-        adapter, config.kind, width=width, epsilon=epsilon, start=border_start, clamp=border_clamp
-    )
-    train_set = training.prepare_training_set(
-        adapter, init, data.malicious, data.benign, safety_prompt=safety,
-        answers_path=output_dir / "answers.json", answer_tokens=answer_tokens,
-        batch_size=batch_size,
-    )
-    run = training.train(
-        adapter, train_set, config, output_dir / variant, vector=vector, init=init,
-        metadata={
-            "vector": {"path": str(vector_path), "layer": layer, "model": model_id},
-            "margins": {"mu_plus": mu_plus, "mu_minus": mu_minus},
-            "layer_choice": layer_choice,
-            "border": {"start": border_start, "clamp": border_clamp},
-            "pools": pool_info,
-            "safety_prefix": safety_prefix,
-            "data": {"source": data.source, "ids": {"malicious": [r.id for r in data.malicious],
-                                                     "benign": [r.id for r in data.benign]}},
-            "answers": train_set.answer_source,
-            "seed": seed,
-        },
-    )
+    if variant == "esiii":  # trains on its own corpus of security instructions, no records
+        run = esiii.train_defensive_image(
+            adapter, output_dir / variant, steps=esiii_steps, batch_size=batch_size,
+            step_size=esiii_step_size, epsilon=esiii_epsilon, checkpoint_every=checkpoint_every,
+            seed=seed, metadata={"seed": seed},
+        )
+        texts_of[variant] = esiii.text_instruction(run.prompt, output_dir / variant)
+    elif variant == "pat":  # the images as the model normally gets them, the control as prefix
+        pat_data = training.prepare_training_set(
+            adapter, VisualSafetyPrompt.for_adapter(adapter, "additive"), data.malicious,
+            data.benign, answers_path=output_dir / "answers.json", answer_tokens=answer_tokens,
+            batch_size=batch_size,
+        )
+        pat_config = pat.PATConfig(
+            steps=pat_steps, control_len=pat_control_len, candidates=pat_candidates,
+            topk=pat_topk, batch_size=pat_batch_size, checkpoint_every=checkpoint_every, seed=seed,
+        )
+        pat_run = pat.train(adapter, pat_data, pat_config, output_dir / variant, metadata={
+            "data": data_ids, "answers": pat_data.answer_source, "seed": seed})
+        files = pat_run.control.save(output_dir / variant)
+        texts_of[variant] = pat_run.control.text
+        results_by_variant[variant] = {
+            "files": [str(f) for f in files], "steps": len(pat_run.history),
+            "resumed_from": pat_run.resumed_from, "final_loss": pat_run.history[-1]["loss"],
+            "control": pat_run.control.text,
+            "median_seconds_per_step": float(np.median([h["seconds"] for h in pat_run.history])),
+        }
+        print(variant, results_by_variant[variant])
+        continue
+    else:
+        config = training.TrainConfig(
+            layer=layer, mu_plus=mu_plus, mu_minus=mu_minus, variant=variant,
+            steps=steps if variant == "davsp" else ablation_steps, batch_size=batch_size,
+            optimizer=optimizer, lr=lr, lam=lam, schedule=schedule, width=width, epsilon=epsilon,
+            malicious_output_p=malicious_output_p, answer_eos=answer_eos,
+            checkpoint_every=checkpoint_every,
+            snapshot_every=max(1, steps // snapshots) if variant == "davsp" else 0, seed=seed,
+        )
+        init = VisualSafetyPrompt.for_adapter(
+            adapter, config.kind, width=width, epsilon=epsilon, start=border_start, clamp=border_clamp
+        )
+        train_set = training.prepare_training_set(
+            adapter, init, data.malicious, data.benign, safety_prompt=safety,
+            answers_path=output_dir / "answers.json", answer_tokens=answer_tokens,
+            batch_size=batch_size,
+        )
+        run = training.train(
+            adapter, train_set, config, output_dir / variant, vector=vector, init=init,
+            metadata={
+                "vector": {"path": str(vector_path), "layer": layer, "model": model_id},
+                "margins": {"mu_plus": mu_plus, "mu_minus": mu_minus},
+                "layer_choice": layer_choice,
+                "border": {"start": border_start, "clamp": border_clamp},
+                "pools": pool_info,
+                "safety_prefix": safety_prefix,
+                "data": data_ids,
+                "answers": train_set.answer_source,
+                "seed": seed,
+            },
+        )
     files = run.prompt.save(output_dir / variant)
     trained[variant] = run
     per_step = [h["seconds"] for h in run.history if "seconds" in h]
@@ -240,7 +294,8 @@ the margins.
 """),
     ("code", """
 fig = plots.training_curves(
-    {variant: run.history for variant, run in trained.items()},
+    {variant: run.history for variant, run in trained.items()}
+    | ({"pat": pat_run.history} if pat_run is not None else {}),
     margins=(mu_plus, mu_minus), title=f"{model_id}: training (layer {layer})",
 )
 nb.save_figure(fig, figures_dir, "training_curves")
@@ -252,7 +307,7 @@ The border alone (inner window grey) at several steps, then what the model recei
 malicious image in the inner window with the trained border around it.
 """),
     ("code", """
-main_variant = "davsp" if "davsp" in trained else variants[0]
+main_variant = "davsp" if "davsp" in trained else next(v for v in variants if v in trained)
 main = trained[main_variant]
 steps_shown = sorted(main.snapshots)
 views = [VisualSafetyPrompt(main.snapshots[s], main.prompt.kind, main.prompt.width,
@@ -273,7 +328,7 @@ nb.save_figure(fig, figures_dir, "composed_input")
 ## Held-out projections before and after
 
 Held-out records never seen in training, with and without each trained prompt (the text safety
-prefix in both).
+prefix in both; ESIII and PAT with their own text instead).
 """),
     ("code", """
 held = data.heldout_malicious + data.heldout_benign
@@ -296,8 +351,13 @@ projection_results = {"before": summary(before)}
 after = {}
 for variant, run in trained.items():
     after[variant] = training.projections(adapter, held, vector, layer, prompt=run.prompt,
-                                          safety_prompt=safety, batch_size=batch_size)
+                                          safety_prompt=texts_of.get(variant, safety),
+                                          batch_size=batch_size)
     projection_results[variant] = summary(after[variant])
+if pat_run is not None:  # a text prefix only
+    after["pat"] = training.projections(adapter, held, vector, layer, prompt=None,
+                                        safety_prompt=pat_run.control.text, batch_size=batch_size)
+    projection_results["pat"] = summary(after["pat"])
 for name, values in projection_results.items():
     print(f"{name:>10}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()))
 groups = {"malicious, no border": before[is_mal], "benign, no border": before[~is_mal]}

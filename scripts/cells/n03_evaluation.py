@@ -18,6 +18,8 @@ judge, data and model produced it. Defenses:
 | `da_only` | DAVSP safety prefix | DA-trained additive noise (`da_noise`): no border |
 | `vsp_only` | DAVSP safety prefix | border trained with the output loss only (`vsp_output`) |
 | `davsp_prefix` | DAVSP safety prefix | — (the text part alone: what the border adds) |
+| `esiii` | ESIII text instruction | ESIII defensive image fused with the user image (`esiii`) |
+| `pat` | PAT control: a GCG-tuned token prefix (`pat`) | — |
 
 A trained defense whose artifact is not in `training_dir` is skipped with a note, so this
 notebook runs before training exists. Generation is resumable: responses go to one JSON-lines
@@ -56,7 +58,7 @@ use_mirror: bool = True  # False: only the built-in dataset written by the proje
 pools: str = ""  # "paper": FigStep / MM-SafetyBench / MM-Vet from the paper's evaluation pool
 vector_path: str = "runs/interactive/01_harmfulness_vector/harmfulness_vector"  # from 01
 training_dir: str = "runs/interactive/02_vsp_training"  # trained defenses from 02
-defenses: str = "none,adashield_s,uniguard,davsp,da_only,vsp_only,davsp_prefix"
+defenses: str = "none,adashield_s,uniguard,davsp,da_only,vsp_only,davsp_prefix,esiii,pat"
 n_figstep: int = 10  # FigStep SafeBench images (malicious)
 n_mmsb: int = 13  # MM-SafetyBench TYPO questions (malicious)
 n_harmful_val: int = 8  # text-prompts harmful_val rendered FigStep-style (malicious)
@@ -187,7 +189,7 @@ else:
     benchmarks["built-in benign (FigStep-style)"] = sample(
         [r for r in builtin if not r.is_malicious], n_harmless_val + n_mmvet)
 used = set()
-for artifact in [d.vsp for d in chosen if d.vsp is not None] + [vector]:
+for artifact in [d.vsp for d in chosen] + [d.trained for d in chosen] + [vector]:
     if artifact is not None:
         used |= evaluation.artifact_ids(artifact.metadata)
 for name in list(benchmarks):
