@@ -84,8 +84,8 @@ import numpy as np
 import torch
 
 from davsp_lib import datasets, diagnostics, plots, prompts, recipe, vectors
-from davsp_lib import pools as pools_lib
 from davsp_lib import notebook as nb
+from davsp_lib import pools as pools_lib
 from davsp_lib.adapters import load_adapter
 from davsp_lib.errors import DataError
 

@@ -253,7 +253,8 @@ for variant in variants:
             snapshot_every=max(1, steps // snapshots) if variant == "davsp" else 0, seed=seed,
         )
         init = VisualSafetyPrompt.for_adapter(
-            adapter, config.kind, width=width, epsilon=epsilon, start=border_start, clamp=border_clamp
+            adapter, config.kind, width=width, epsilon=epsilon, start=border_start,
+            clamp=border_clamp,
         )
         train_set = training.prepare_training_set(
             adapter, init, data.malicious, data.benign, safety_prompt=safety,

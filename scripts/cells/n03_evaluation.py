@@ -84,8 +84,8 @@ import pandas as pd
 from PIL import Image
 
 from davsp_lib import datasets, evaluation, judges, metrics, plots, vectors
-from davsp_lib import pools as pools_lib
 from davsp_lib import notebook as nb
+from davsp_lib import pools as pools_lib
 from davsp_lib.adapters import load_adapter
 from davsp_lib.errors import DataError
 from davsp_lib.images import record_image, to_tensor
