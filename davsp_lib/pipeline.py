@@ -117,8 +117,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "answer_tokens": 4,
             "checkpoint_every": 1,
             "snapshots": 2,
-            "variants": ["davsp", "uniguard", "esiii", "pat"],
+            "variants": ["davsp", "uniguard", "esiii", "pat", "uniguard_published"],
             "esiii_steps": 1,
+            "uniguard_steps": 1,
             "pat_steps": 1,
             "pat_control_len": 4,
             "pat_candidates": 2,
@@ -132,7 +133,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "n_mmvet": 1,
             "batch_size": 4,
             "max_new_tokens": 8,
-            "defenses": "none,adashield_s,uniguard,davsp,esiii,pat",
+            "defenses": "none,adashield_s,uniguard,uniguard_published,davsp,esiii,pat",
         },
         "04_intervention": {
             "alphas": [0.0, 2.0],
@@ -199,6 +200,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "schedule": "random",
             "answer_tokens": 128,
             "checkpoint_every": 50,
+            "variants": [
+                "davsp", "da_noise", "vsp_output", "uniguard_published", "uniguard", "esiii", "pat"
+            ],
+            "uniguard_steps": 5000,  # UniGuard's published iterations
             "esiii_steps": 1000,  # not given by the ESIII paper (our choice)
             "pat_steps": 100,  # the PAT reference: n_steps 100, 256 candidates, top-k 256
             "pat_candidates": 256,
@@ -217,6 +222,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "batch_size": 16,
             "max_new_tokens": 1024,  # the reference: max_new_tokens=1024
             "judge_specs": "endpoint,refusal:jailbreakbench,refusal:gcg,refusal:xstest",
+            "defenses": "none,adashield_s,uniguard_published,uniguard,davsp,da_only,vsp_only,"
+            "davsp_prefix,esiii,pat",
         },
         "04_intervention": {
             "dtype": "bfloat16",

@@ -395,7 +395,8 @@ ITEMS: tuple[RecipeItem, ...] = (
         _adashield_a,
         "substitution: no CLIP installs from the registries; all-MiniLM-L6-v2 embeds the query "
         "and the text the image shows; the pool is one prompt per MM-SafetyBench scenario (the "
-        "paper's defender-LLM pool is unpublished)",
+        "paper's defender-LLM pool is unpublished); built and tested (davsp_lib.adashield) but "
+        "not yet run by notebook 03",
     ),
     RecipeItem(
         "ECSO harm check",

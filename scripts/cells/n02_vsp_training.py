@@ -70,6 +70,7 @@ width: int = 0  # border width p in canvas pixels; 0: the model's default (30 on
 epsilon: float = 0.0627  # bound of the additive variants (16/255, UniGuard's)
 answer_tokens: int = 32  # length of the model's own benign answers used as targets
 esiii_steps: int = 100  # ESIII: PGD steps of the defensive image
+uniguard_steps: int = 5000  # UniGuard as published (variant uniguard_published): signed steps
 esiii_step_size: float = 0.00392156862745098  # ESIII: signed step (1/255)
 esiii_epsilon: float = 0.12549019607843137  # ESIII: L-inf bound of the defensive image (32/255)
 pat_steps: int = 20  # PAT: GCG steps (reference 100)
@@ -90,7 +91,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from davsp_lib import esiii, pat, plots, prompts, training, vectors
+from davsp_lib import esiii, pat, plots, prompts, training, uniguard, vectors
 from davsp_lib import notebook as nb
 from davsp_lib import pools as pools_lib
 from davsp_lib.adapters import load_adapter
@@ -128,8 +129,8 @@ nb.check("schedule", schedule, str, choices=["alternate", "mix", "random"])
 nb.check("width", width, int, minimum=0)
 nb.check("epsilon", epsilon, float, minimum=1e-6, maximum=1.0)
 nb.check("answer_tokens", answer_tokens, int, minimum=1)
-for name in ("esiii_steps", "pat_steps", "pat_control_len", "pat_candidates", "pat_topk",
-             "pat_batch_size"):
+for name in ("esiii_steps", "uniguard_steps", "pat_steps", "pat_control_len", "pat_candidates",
+             "pat_topk", "pat_batch_size"):
     nb.check(name, globals()[name], int, minimum=1)
 nb.check("esiii_step_size", esiii_step_size, float, minimum=1e-8)
 nb.check("esiii_epsilon", esiii_epsilon, float, minimum=1e-6, maximum=1.0)
@@ -147,7 +148,8 @@ parameters = dict(
     ablation_steps=ablation_steps, batch_size=batch_size, optimizer=optimizer, lr=lr, lam=lam,
     schedule=schedule, width=width, epsilon=epsilon, answer_tokens=answer_tokens,
     checkpoint_every=checkpoint_every, snapshots=snapshots, seed=seed, esiii_steps=esiii_steps,
-    esiii_step_size=esiii_step_size, esiii_epsilon=esiii_epsilon, pat_steps=pat_steps,
+    uniguard_steps=uniguard_steps, esiii_step_size=esiii_step_size, esiii_epsilon=esiii_epsilon,
+    pat_steps=pat_steps,
     pat_control_len=pat_control_len, pat_candidates=pat_candidates, pat_topk=pat_topk,
     pat_batch_size=pat_batch_size,
 )
@@ -221,6 +223,22 @@ for variant in variants:
             seed=seed, metadata={"seed": seed},
         )
         texts_of[variant] = esiii.text_instruction(run.prompt, output_dir / variant)
+    elif variant == uniguard.VARIANT:  # UniGuard as published: make a harmful corpus unlikely
+        config = uniguard.UniGuardConfig(
+            steps=uniguard_steps, batch_size=batch_size, checkpoint_every=checkpoint_every,
+            seed=seed,
+        )
+        guard = uniguard.train_uniguard(
+            adapter, data.malicious, uniguard.harmful_corpus(data.malicious), config,
+            output_dir / variant,
+        )
+        files = guard.prompt.save(output_dir / variant)
+        results_by_variant[variant] = {
+            "files": [str(f) for f in files], "steps": len(guard.history),
+            "resumed_from": guard.resumed_from, "final_loss": guard.history[-1]["corpus_nll"],
+        }
+        print(variant, results_by_variant[variant])
+        continue
     elif variant == "pat":  # the images as the model normally gets them, the control as prefix
         pat_data = training.prepare_training_set(
             adapter, VisualSafetyPrompt.for_adapter(adapter, "additive"), data.malicious,
