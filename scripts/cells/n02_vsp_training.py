@@ -117,7 +117,8 @@ nb.check("n_mmvet", n_mmvet, int, minimum=0)
 nb.check("safety_prefix", safety_prefix, bool)
 nb.check("variants", variants, list)
 for variant in variants:
-    nb.check("variants[]", variant, str, choices=[*sorted(training.VARIANTS), "pat"])
+    choices = [*sorted(training.VARIANTS), "pat", uniguard.VARIANT]
+    nb.check("variants[]", variant, str, choices=choices)
 if not set(variants) - {"pat"}:
     raise nb.ParameterError("variants needs at least one image prompt besides 'pat'")
 nb.check("steps", steps, int, minimum=1)
