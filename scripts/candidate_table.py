@@ -11,7 +11,8 @@ its layer chosen on):
 
 a. refusal of ``--n`` harmful and ``--n`` benign instructions as text: the instruction as the
    query over a blank white image (the workbook's text format, notebooks 01 and 04; it is what
-   criterion 1 reads) and, reported only, as a text-only turn without any image;
+   criterion 1 reads) and, reported only, as a text-only turn without any image (skipped with
+   ``--no-text-only-turn``);
 b. the same instructions rendered FigStep-style, with FigStep's own text prompt;
 c. benign refusal, text and FigStep-style, with the DAVSP safety prefix (defense
    ``davsp_prefix``) and with AdaShield-S (``adashield_s``, sandwich placement);
@@ -321,6 +322,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--layers", default="all", help="d: 'all' or a comma list")
     parser.add_argument("--tolerance", type=float, default=0.01, help="d: notebook 01's default")
     parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument(
+        "--text-only-turn",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a: also ask the text as a turn without any image (reported only)",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="", help="empty: the default (CPU)")
@@ -463,15 +470,16 @@ def _responses_part(ctx: dict[str, Any], jobs: Sequence[tuple[str, str, str, boo
 
 
 def part_a(ctx: dict[str, Any]) -> dict[str, Any]:
-    return _responses_part(
-        ctx,
-        [
-            ("harmful_text", "harmful_text", "none", True),
-            ("benign_text", "benign_text", "none", True),
+    jobs = [
+        ("harmful_text", "harmful_text", "none", True),
+        ("benign_text", "benign_text", "none", True),
+    ]
+    if ctx["args"].text_only_turn:  # reported only: the language model without any image
+        jobs += [
             ("harmful_text_only", "harmful_text", "none", False),
             ("benign_text_only", "benign_text", "none", False),
-        ],
-    )
+        ]
+    return _responses_part(ctx, jobs)
 
 
 def part_b(ctx: dict[str, Any]) -> dict[str, Any]:
@@ -670,7 +678,12 @@ def _part_key(table: Table, model: str, info: Mapping[str, Any], part: str) -> d
     }
     ids = {name: [r.id for r in recs] for name, recs in table.sets.items()}
     if part in "abc":
-        return {**shared, "ids": hashlib.sha256(json.dumps(ids).encode()).hexdigest()}
+        digest = hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+        return {
+            **shared,
+            "ids": digest,
+            **({"text_only_turn": args.text_only_turn} if part == "a" else {}),
+        }
     study = {
         "n_vector": args.n_vector,
         "n_heldout": args.n_heldout,

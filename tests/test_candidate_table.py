@@ -158,6 +158,8 @@ def test_part_e_needs_part_d():
     defaults = ct._parser().parse_args([])
     assert (defaults.n, defaults.n_vector, defaults.n_heldout, defaults.n_gap) == (20, 48, 32, 32)
     assert (defaults.n_steer, defaults.ks, defaults.max_new_tokens) == (12, [-1, 0, 1, 2], 24)
+    assert defaults.text_only_turn is True
+    assert ct._parser().parse_args(["--no-text-only-turn"]).text_only_turn is False
 
 
 def test_heldout_picks_avoid_the_vector_data(shared_data, tmp_path):
