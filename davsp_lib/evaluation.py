@@ -1,10 +1,12 @@
 """Defenses and batched, resumable generation: the responses every evaluation number comes from.
 
-- :class:`Defense`: a text part (a safety prompt from ``prompts.json`` and where it goes) and an
-  optional image part (a trained :class:`~davsp_lib.vsp.VisualSafetyPrompt`, border or additive).
-  :func:`load_defenses` builds the standard set (no defense, AdaShield-S, UniGuard, DAVSP and its
-  ablations, ESIII and PAT, whose builders live in :mod:`davsp_lib.esiii` / :mod:`davsp_lib.pat`)
-  from a training folder, skipping (with a note) the trained ones whose artifact is missing.
+- :class:`Defense`: a text part (a safety prompt from ``prompts.json`` and where it goes), an
+  optional image part (a trained :class:`~davsp_lib.vsp.VisualSafetyPrompt`, border or additive)
+  and an optional per-record query rewrite (AdaShield-A's retrieved prompt).
+  :func:`load_defenses` builds the standard set (no defense, AdaShield-S/-A, UniGuard, DAVSP and
+  its ablations, ESIII and PAT, whose builders live in :mod:`davsp_lib.adashield`,
+  :mod:`davsp_lib.esiii` / :mod:`davsp_lib.pat`) from a training folder, skipping (with a note)
+  the trained ones whose artifact is missing.
 - :func:`generate_responses`: greedy, batched generation through any adapter with a defense
   applied; one JSON line per record, flushed and fsynced per batch. A rerun on the same file
   validates it and continues with the missing records only, so an interrupted run ends with
@@ -96,6 +98,14 @@ DEFENSES: dict[str, DefenseSpec] = {
     "pat": DefenseSpec(
         "PAT (tuned text prefix)", None, "prefix", "pat", "davsp_lib.pat:make_defense"
     ),
+    # a scenario prompt retrieved per input from a pool built by notebook 02 (no image part)
+    "adashield_a": DefenseSpec(
+        "AdaShield-A (retrieved scenario prompt)",
+        None,
+        "sandwich",
+        "adashield_a",
+        "davsp_lib.adashield:make_defense",
+    ),
 }
 
 
@@ -123,6 +133,9 @@ class Defense:
     source: str | None = None
     #: a trained text artifact (e.g. :class:`davsp_lib.pat.PATControl`) with ``.metadata``
     trained: Any = field(default=None, compare=False)
+    #: a per-record query rewrite applied before the inputs are built (AdaShield-A): an object
+    #: with ``records(records) -> list[Record]`` (same ids, same order) and ``describe()``
+    rewrite: Any = field(default=None, compare=False)
 
     def placer(self, adapter: VLMAdapter) -> Placer:
         """How a user image reaches the canvas: the VSP's ``place`` (as in training), else the
@@ -155,7 +168,19 @@ class Defense:
                 "epsilon": self.vsp.epsilon,
                 "delta_sha256": hashlib.sha256(delta).hexdigest(),
             }
-        return {"name": self.name, "label": self.label or self.name, "text": text, "image": image}
+        out = {"name": self.name, "label": self.label or self.name, "text": text, "image": image}
+        if self.rewrite is not None:  # only then, so older results files still resume
+            out["rewrite"] = self.rewrite.describe()
+        return out
+
+    def rewritten(self, records: Sequence[Record]) -> list[Record]:
+        """The records as the model gets them (the rewrite's, else unchanged)."""
+        if self.rewrite is None:
+            return list(records)
+        out = list(self.rewrite.records(records))
+        if [r.id for r in out] != [r.id for r in records]:
+            raise ValueError(f"defense {self.name!r}: its rewrite changed the records' ids")
+        return out
 
 
 def make_defense(
@@ -496,8 +521,9 @@ def generate_responses(
     belong to with its original composition so the result is byte-identical to an
     uninterrupted run. With ``vector`` (a :class:`~davsp_lib.vectors.HarmfulnessVector`), each
     row also gets the projection at ``layer`` (default: the vector's chosen layer).
-    ``on_batch`` is called with the rows of each batch after they are on disk.
-    Returns all rows.
+    ``on_batch`` is called with the rows of each batch after they are on disk. A defense with a
+    ``rewrite`` rewrites each batch's records before their inputs are built; the rows describe
+    the original records. Returns all rows.
     """
     records = list(records)
     if not records:
@@ -541,7 +567,8 @@ def generate_responses(
     )
     with bar, path.open("ab") as handle:
         for chunk in todo:
-            selected = [records[i] for i in chunk]
+            # the rewritten queries go to the model; rows keep the original records
+            selected = defense.rewritten([records[i] for i in chunk])
             ((_, images, conversations),) = defended_batches(
                 adapter,
                 selected,

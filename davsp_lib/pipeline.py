@@ -117,7 +117,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "answer_tokens": 4,
             "checkpoint_every": 1,
             "snapshots": 2,
-            "variants": ["davsp", "uniguard", "esiii", "pat", "uniguard_published"],
+            # the paper's pools in miniature: MM-SafetyBench TYPO training records, so that
+            # AdaShield-A's pool (4 anchors) is built and evaluated
+            "pools": "mini",
+            "variants": ["davsp", "uniguard", "esiii", "pat", "uniguard_published", "adashield_a"],
             "esiii_steps": 1,
             "uniguard_steps": 1,
             "pat_steps": 1,
@@ -133,7 +136,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "n_mmvet": 1,
             "batch_size": 4,
             "max_new_tokens": 8,
-            "defenses": "none,adashield_s,uniguard,uniguard_published,davsp,esiii,pat",
+            "defenses": "none,adashield_s,adashield_a,uniguard,uniguard_published,davsp,esiii,pat",
         },
         "04_intervention": {
             "alphas": [0.0, 2.0],
@@ -200,8 +203,16 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "schedule": "random",
             "answer_tokens": 128,
             "checkpoint_every": 50,
+            # adashield_a: its pool is the 600 MM-SafetyBench TYPO training records
             "variants": [
-                "davsp", "da_noise", "vsp_output", "uniguard_published", "uniguard", "esiii", "pat"
+                "davsp",
+                "da_noise",
+                "vsp_output",
+                "uniguard_published",
+                "uniguard",
+                "esiii",
+                "pat",
+                "adashield_a",
             ],
             "uniguard_steps": 5000,  # UniGuard's published iterations
             "esiii_steps": 1000,  # not given by the ESIII paper (our choice)
@@ -222,8 +233,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "batch_size": 16,
             "max_new_tokens": 1024,  # the reference: max_new_tokens=1024
             "judge_specs": "endpoint,refusal:jailbreakbench,refusal:gcg,refusal:xstest",
-            "defenses": "none,adashield_s,uniguard_published,uniguard,davsp,da_only,vsp_only,"
-            "davsp_prefix,esiii,pat",
+            "defenses": "none,adashield_s,adashield_a,uniguard_published,uniguard,davsp,da_only,"
+            "vsp_only,davsp_prefix,esiii,pat",
         },
         "04_intervention": {
             "dtype": "bfloat16",

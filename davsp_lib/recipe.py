@@ -280,12 +280,19 @@ def _adashield_s(_read: PresetReader) -> str:
 
 
 def _adashield_a(read: PresetReader) -> str:
-    from davsp_lib.adashield import THRESHOLD
+    from davsp_lib.adashield import THRESHOLD, VARIANT
+    from davsp_lib.pools import PRESET_POOLS
 
-    if "adashield_a" not in str(read("03_evaluation", "defenses")).split(","):
+    if VARIANT not in read("02_vsp_training", "variants"):
+        return "not built by this preset"
+    if VARIANT not in str(read("03_evaluation", "defenses")).split(","):
         return "not evaluated by this preset"
+    spec = PRESET_POOLS.get(str(read("02_vsp_training", "pools")))
+    parts = spec.of("training") if spec is not None else ()
+    anchors = sum(p.n or 0 for p in parts if p.source == "mm-safetybench/typo")
     return (
-        f"scenario-prompt pool retrieved by all-MiniLM-L6-v2 embedding similarity, applied "
+        f"scenario-prompt pool keyed by the {anchors} MM-SafetyBench TYPO training records, "
+        f"retrieved by all-MiniLM-L6-v2 similarity of (text the image shows, query), applied "
         f"above {THRESHOLD:g}"
     )
 
@@ -395,8 +402,8 @@ ITEMS: tuple[RecipeItem, ...] = (
         _adashield_a,
         "substitution: no CLIP installs from the registries; all-MiniLM-L6-v2 embeds the query "
         "and the text the image shows; the pool is one prompt per MM-SafetyBench scenario (the "
-        "paper's defender-LLM pool is unpublished); built and tested (davsp_lib.adashield) but "
-        "not yet run by notebook 03",
+        "paper's defender-LLM pool is unpublished), keyed by notebook 02's MM-SafetyBench TYPO "
+        "training records (never evaluated); notebook 03 evaluates it like the other defenses",
     ),
     RecipeItem(
         "ECSO harm check",

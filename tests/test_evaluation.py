@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -151,6 +152,50 @@ def test_rows_header_and_order(tmp_path, adapter, records):
     defense = evaluation.make_defense("adashield_s")
     (_chunk, images, convs), *_ = evaluation.defended_batches(adapter, records, defense, 3)
     assert adapter.generate(images, convs, max_new_tokens=4) == [r["response"] for r in rows[:3]]
+
+
+class Shout:
+    """A query rewrite for the tests: upper case."""
+
+    def records(self, records):
+        return [r.with_(query=r.query.upper()) for r in records]
+
+    def describe(self):
+        return {"method": "shout"}
+
+
+def test_a_rewrite_changes_what_the_model_reads_not_the_rows(
+    tmp_path, adapter, records, monkeypatch
+):
+    plain = evaluation.make_defense("none")
+    shout = dataclasses.replace(plain, name="shout", rewrite=Shout())
+    read, generate = [], adapter.generate
+
+    def spy(images, conversations, **kwargs):
+        read.extend(c.query for c in conversations)
+        return generate(images, conversations, **kwargs)
+
+    monkeypatch.setattr(adapter, "generate", spy)
+    rows = run(adapter, records[:4], tmp_path / "s.jsonl", defense=shout)
+    assert read == [r.query.upper() for r in records[:4]] != [r.query for r in records[:4]]
+    assert [(r["id"], r["label"]) for r in rows] == [(r.id, r.label.value) for r in records[:4]]
+    assert shout.describe()["rewrite"] == {"method": "shout"} and "rewrite" not in plain.describe()
+    other = type("Other", (Shout,), {"describe": lambda self: {"method": "other"}})()
+    with pytest.raises(DataError, match="different defense"):  # the rewrite is part of it
+        run(
+            adapter,
+            records[:4],
+            tmp_path / "s.jsonl",
+            defense=dataclasses.replace(shout, rewrite=other),
+        )
+    dropping = type("Drop", (Shout,), {"records": lambda self, recs: list(recs)[1:]})()
+    with pytest.raises(ValueError, match="rewrite changed the records' ids"):
+        run(
+            adapter,
+            records[:4],
+            tmp_path / "d.jsonl",
+            defense=dataclasses.replace(shout, rewrite=dropping),
+        )
 
 
 def test_rerun_of_a_finished_file_generates_nothing(tmp_path, adapter, records):

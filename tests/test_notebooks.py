@@ -62,29 +62,57 @@ def test_training_notebook_writes_each_variant_and_resumes(smoke_run):
     run_dir, _ = smoke_run
     folder = run_dir / "02_vsp_training"
     results = json.loads((folder / "results.json").read_text())
+    from davsp_lib.adashield import AdaShieldPool
     from davsp_lib.pat import PATControl
     from davsp_lib.vsp import VisualSafetyPrompt
 
-    def trained(variant):  # PAT's artifact is a token prefix, the others an image prompt
+    def trained(variant):  # PAT: a token prefix; AdaShield-A: retrieval keys; else an image
         if variant == "pat":
             control = PATControl.load(folder / variant)
             return control.metadata, control.ids
+        if variant == "adashield_a":
+            pool = AdaShieldPool.load(folder / variant)
+            return pool.metadata, pool.keys
         prompt = VisualSafetyPrompt.load(folder / variant)
         return prompt.metadata, prompt.delta
 
-    for variant, info in results["results"]["variants"].items():
+    variants = results["results"]["variants"]
+    assert set(variants) == set(PRESETS["smoke"]["02_vsp_training"]["variants"])
+    for variant, info in variants.items():
         metadata, _ = trained(variant)
+        if variant == "adashield_a":  # built, not optimised: the training pool's MM-SB records
+            mmsb = [i for i in results["results"]["ids"]["malicious"] if "/typo" in i]
+            assert metadata["ids"]["anchors"] == info["anchors"]["ids"] == mmsb
+            assert len(mmsb) == 4  # the mini pools
+            continue
         assert metadata["steps_done"] == info["steps"]
         if variant not in ("esiii", "pat", "uniguard_published"):  # these use no vector
             assert metadata["vector"]["layer"] == results["results"]["layer"]
-    # a rerun finds the finished checkpoints: nothing is retrained, same borders
-    before = {v: trained(v)[1] for v in results["results"]["variants"]}
+    # a rerun finds the finished checkpoints: nothing is retrained, same borders (and the
+    # rebuilt AdaShield-A pool has the same keys)
+    before = {v: trained(v)[1] for v in variants}
     steps = run_pipeline(run_dir, preset="smoke", only=["02"], log=lambda _: None)
     assert steps[0].status == "ok"
     again = json.loads((folder / "results.json").read_text())["results"]["variants"]
-    assert all(info["resumed_from"] == info["steps"] for info in again.values())
+    assert all(info["resumed_from"] == info["steps"] for info in again.values() if "steps" in info)
     for variant, delta in before.items():
         assert (trained(variant)[1] == delta).all()
+
+
+@pytest.mark.timeout(SMOKE_PIPELINE_TIMEOUT)
+def test_evaluation_notebook_runs_adashield_a_without_its_anchors(smoke_run):
+    run_dir, _ = smoke_run
+    results = json.loads((run_dir / "03_evaluation" / "results.json").read_text())["results"]
+    anchors = json.loads((run_dir / "02_vsp_training" / "adashield_a.json").read_text())
+    assert "adashield_a" in results["defenses"]
+    assert results["defenses"]["adashield_a"]["rewrite"]["n_entries"] == anchors["n"] == 4
+    evaluated = {i for ids in results["ids"].values() for i in ids}
+    assert not evaluated & set(anchors["anchors"]["ids"])
+    retrieval = results["adashield_a_retrieval"]["adashield_a"]
+    assert set(retrieval) == set(results["sizes"])
+    assert sum(b["n"] for b in retrieval.values()) == sum(results["sizes"].values())
+    assert all(0 <= b["applied_share"] <= 1 and -1 <= b["mean_similarity"] <= 1
+               for b in retrieval.values())  # fmt: skip
 
 
 def test_data_tour_without_mirror(tmp_path):

@@ -52,6 +52,17 @@ def test_data_rows_read_the_pool_spec_and_state_substitutions(paper_rows):
     assert paper_rows["precision"].ours == "model bfloat16, border and losses float32"
 
 
+def test_adashield_a_is_built_from_the_training_pool_and_evaluated(paper_rows):
+    row = paper_rows["AdaShield-A"]
+    assert row.ours.startswith("scenario-prompt pool keyed by the 600 MM-SafetyBench TYPO")
+    assert row.ours.endswith("applied above 0.7")
+    assert "no CLIP" in row.status and "not yet run" not in row.status
+    smoke = {r.item: r for r in recipe.recipe_rows("smoke")}["AdaShield-A"]
+    assert "keyed by the 4 MM-SafetyBench TYPO" in smoke.ours
+    embedded = {r.item: r for r in recipe.recipe_rows("embedded")}["AdaShield-A"]
+    assert embedded.ours == "not built by this preset"
+
+
 def test_the_embedded_preset_reads_its_own_values():
     rows = {row.item: row for row in recipe.recipe_rows("embedded")}
     assert rows["border start"].ours == "white"

@@ -32,7 +32,10 @@ trained to make the model refuse malicious inputs). Two more baselines of the pa
 in their own modules: `esiii` (`davsp_lib.esiii`: a defensive image optimised from a blank start
 so that the model describes it as a corpus of security instructions; at inference it is fused with
 the user image and a text instruction goes with the query) and `pat` (`davsp_lib.pat`: Prompt
-Adversarial Tuning, a token prefix tuned by GCG against a GCG attacker).
+Adversarial Tuning, a token prefix tuned by GCG against a GCG attacker). `adashield_a`
+(`davsp_lib.adashield`) trains nothing: it embeds the MM-SafetyBench TYPO records of the training
+data (all-MiniLM-L6-v2 in place of CLIP) as AdaShield-A's retrieval pool, one defense prompt per
+scenario; it needs such records (`pools`), and asking for it without them is an error.
 """),
     ("parameters", """
 # Parameters (papermill)
@@ -55,6 +58,7 @@ n_heldout: int = 16  # held-out records per class (projections before/after)
 n_mmvet: int = 0  # MM-Vet photos added to the benign training side (reference answers)
 safety_prefix: bool = True  # DAVSP's text safety prefix in every prompt, as in the reference
 variants: list = ["davsp", "da_noise", "vsp_output", "uniguard", "esiii", "pat"]  # davsp first
+# (also "uniguard_published"; "adashield_a": needs MM-SafetyBench TYPO training records: pools)
 steps: int = 60  # optimisation steps of the DAVSP border
 ablation_steps: int = 30  # steps of the other variants
 batch_size: int = 4
@@ -86,12 +90,13 @@ figures_dir: str = "figures/02_vsp_training"  # PNG + SVG
 """),
     ("code", """
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from davsp_lib import esiii, pat, plots, prompts, training, uniguard, vectors
+from davsp_lib import adashield, esiii, pat, plots, prompts, training, uniguard, vectors
 from davsp_lib import notebook as nb
 from davsp_lib import pools as pools_lib
 from davsp_lib.adapters import load_adapter
@@ -117,10 +122,11 @@ nb.check("n_mmvet", n_mmvet, int, minimum=0)
 nb.check("safety_prefix", safety_prefix, bool)
 nb.check("variants", variants, list)
 for variant in variants:
-    choices = [*sorted(training.VARIANTS), "pat", uniguard.VARIANT]
+    choices = [*sorted(training.VARIANTS), "pat", uniguard.VARIANT, adashield.VARIANT]
     nb.check("variants[]", variant, str, choices=choices)
-if not set(variants) - {"pat"}:
-    raise nb.ParameterError("variants needs at least one image prompt besides 'pat'")
+if not set(variants) - {"pat", adashield.VARIANT}:
+    raise nb.ParameterError("variants needs at least one image prompt besides 'pat' and "
+                            f"{adashield.VARIANT!r}")
 nb.check("steps", steps, int, minimum=1)
 nb.check("ablation_steps", ablation_steps, int, minimum=1)
 nb.check("optimizer", optimizer, str, choices=["adam", "sign"])
@@ -202,6 +208,16 @@ for note in data.notes:
     print("note:", note)
 print(data.source, data.sizes())
 safety = prompts.text("davsp_safety_prefix", mirror_root) if safety_prefix else None
+anchors = []  # AdaShield-A's pool: MM-SafetyBench TYPO training records (never evaluated)
+if adashield.VARIANT in variants:
+    anchors = adashield.anchor_records(data.malicious)
+    if not anchors:  # asked for, cannot be built: an error rather than a silently missing row
+        raise nb.ParameterError(
+            f"variants: {adashield.VARIANT!r} needs MM-SafetyBench TYPO records among the "
+            f"training data; {data.source!r} has none (set pools, e.g. 'paper', or drop it)")
+    print(f"note: AdaShield-A pool anchors: the {len(anchors)} MM-SafetyBench TYPO records of "
+          f"the training data ({data.source}), per scenario "
+          f"{dict(sorted(Counter(r.category for r in anchors).items()))}")
 """),
     ("md", """
 ## Training
@@ -209,8 +225,10 @@ safety = prompts.text("davsp_safety_prefix", mirror_root) if safety_prefix else 
 Each variant trains into `output_dir/<variant>/` (checkpoints; rerunning the notebook resumes
 from the last one and ends with the same border) and is saved as `<variant>.safetensors` +
 `<variant>.json` for notebook 03 (ESIII: its defensive image and text instruction; PAT: the
-tuned control's token ids and text). The benign targets of the output loss are the model's own
-*undefended* answers (no prompt, no border), generated once and cached in `answers.json`.
+tuned control's token ids and text; AdaShield-A: the anchors' retrieval keys, its prompts per
+scenario and the anchor ids, which notebook 03 then leaves out of evaluation). The benign
+targets of the output loss are the model's own *undefended* answers (no prompt, no border),
+generated once and cached in `answers.json`.
 """),
     ("code", """
 results_by_variant, trained, texts_of, pat_run = {}, {}, {}, None
@@ -239,6 +257,23 @@ for variant in variants:
             "resumed_from": guard.resumed_from, "final_loss": guard.history[-1]["corpus_nll"],
         }
         print(variant, results_by_variant[variant])
+        continue
+    elif variant == adashield.VARIANT:  # no optimisation: the anchors' keys, a prompt each
+        ada_pool = adashield.AdaShieldPool.build(
+            adashield.SentenceEmbedder(), anchors, adashield.scenario_prompts(mirror_root),
+            info={"data": {"source": data.source}, "pools": pool_info, "seed": seed},
+        )
+        files = ada_pool.save(output_dir / variant)
+        results_by_variant[variant] = {
+            "files": [str(f) for f in files], "embedder": ada_pool.embedder,
+            "threshold": ada_pool.threshold,
+            "anchors": {"source": f"MM-SafetyBench TYPO records of the training data "
+                                  f"({data.source})", "n": len(anchors),
+                        "per_scenario": dict(Counter(r.category for r in anchors)),
+                        "ids": [r.id for r in anchors]},
+        }
+        print(variant, {k: v for k, v in results_by_variant[variant].items() if k != "anchors"},
+              f"{len(anchors)} anchors")
         continue
     elif variant == "pat":  # the images as the model normally gets them, the control as prefix
         pat_data = training.prepare_training_set(

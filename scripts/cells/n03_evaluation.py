@@ -12,6 +12,7 @@ judge, data and model produced it. Defenses:
 |---|---|---|
 | `none` | — | — |
 | `adashield_s` | AdaShield-S static prompt, `query + prompt + query` | — |
+| `adashield_a` | AdaShield-A: retrieved scenario prompt (> 0.7), `query + prompt + query` | — |
 | `uniguard` | UniGuard suffix | refusal-trained noise, not UniGuard's objective (`uniguard`) |
 | `uniguard_published` | UniGuard suffix | UniGuard's corpus-trained noise (`uniguard_published`) |
 | `davsp` | DAVSP safety prefix | trained border (`<training_dir>/davsp`) |
@@ -41,7 +42,8 @@ TYPO (key phrase rendered by our renderer, stratified over its 13 scenarios), an
 `harmful_val` instructions rendered FigStep-style. Benign: text-prompts `harmless_val` rendered
 FigStep-style, and MM-Vet questions (by default those needing OCR: the embedded model reads
 text in images, it cannot see photographs). Records listed as training data of a loaded
-safety prompt (`data_ids` in its metadata) or of the vector are dropped. Notebook 01 used some
+safety prompt (`data_ids` in its metadata), as AdaShield-A's pool anchors or as the vector's
+data are dropped. Notebook 01 used some
 `harmful_val` / `harmless_val` instructions as held-out data to choose its layer and margins
 (not to fit anything the border learns from). Without the mirror: the built-in set, rendered
 FigStep-style.
@@ -83,7 +85,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from davsp_lib import datasets, evaluation, judges, metrics, plots, vectors
+from davsp_lib import adashield, datasets, evaluation, judges, metrics, plots, vectors
 from davsp_lib import notebook as nb
 from davsp_lib import pools as pools_lib
 from davsp_lib.adapters import load_adapter
@@ -245,6 +247,24 @@ for defense in chosen:
     )
     seconds[defense.name] = round(time.perf_counter() - start, 1)
 print("generation seconds per defense:", seconds)
+"""),
+    ("md", """
+AdaShield-A (when evaluated): per benchmark, the share of inputs whose best pool entry exceeded
+the threshold (so its prompt was applied), the mean best similarity, and on MM-SafetyBench how
+often the retrieved scenario was the record's own.
+"""),
+    ("code", """
+retrieval = {}
+for defense in chosen:
+    if isinstance(defense.rewrite, adashield.AdaShieldRewrite):
+        hits = defense.rewrite.retrieve(records)  # the ones generation used (cached)
+        retrieval[defense.name] = adashield.retrieval_summary(records, hits, benchmark_of)
+        print(f"{labels[defense.name]}: threshold {defense.rewrite.pool.threshold}, "
+              f"{len(defense.rewrite.pool.anchor_ids)} pool entries")
+        display(pd.DataFrame(retrieval[defense.name]).T[
+            ["n", "applied_share", "mean_similarity", "same_scenario_share"]])
+if not retrieval:
+    print("AdaShield-A not evaluated")
 """),
     ("md", """
 ## Judging
@@ -477,6 +497,7 @@ results = {
     "ids": {name: [r.id for r in recs] for name, recs in benchmarks.items()},
     "defenses": {d.name: {**d.describe(), "source": d.source} for d in chosen},
     "skipped_defenses": skipped,
+    "adashield_a_retrieval": retrieval,
     "judges": [j.describe() for j in judge_list],
     "judge_notes": judge_notes,
     "primary_judge": primary.name,
