@@ -320,12 +320,18 @@ def parameters_for(
     return {name: value for name, value in values.items() if name in declared}
 
 
+#: parameters that name the model under study; ``davsp run --model M`` sets all of them
+MODEL_PARAMETERS: tuple[frozenset[str], ...] = (frozenset({"model", "model_a"}),)
+
+
 def check_overrides(extra: Mapping[str, Any], notebooks: Sequence[Path]) -> None:
     """Refuse an override that none of the notebooks to run declares (a typo, most often)."""
     import papermill
 
     declared = {name for nb in notebooks for name in papermill.inspect_notebook(str(nb))}
-    unknown = sorted(set(extra) - declared)
+    # a group (``--model`` sets model and model_a) is known when any of its names is declared
+    known = declared | {name for group in MODEL_PARAMETERS for name in group if group & declared}
+    unknown = sorted(set(extra) - known)
     if unknown:
         names = ", ".join(nb.stem for nb in notebooks)
         raise ValueError(

@@ -133,3 +133,19 @@ def test_an_override_no_notebook_declares_is_refused(tmp_path):
             log=lambda _: None,
         )
     assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_model_and_model_a_are_one_override_group(tmp_path):
+    """``--model`` sets model and model_a; notebooks 01-03 declare only model (no refusal),
+    while a notebook declaring neither still refuses them."""
+    import pytest
+
+    from davsp_lib.pipeline import check_overrides
+
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    write_notebook(notebooks / "01_a.ipynb", "model = 'x'", "pass")
+    write_notebook(notebooks / "02_b.ipynb", "seed = 1", "pass")
+    check_overrides({"model": "tiny", "model_a": "tiny"}, [notebooks / "01_a.ipynb"])
+    with pytest.raises(ValueError, match=r"\['model', 'model_a'\] are declared by none"):
+        check_overrides({"model": "tiny", "model_a": "tiny"}, [notebooks / "02_b.ipynb"])
