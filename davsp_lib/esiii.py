@@ -40,6 +40,10 @@ TEXTS_FORMAT = "davsp-esiii-texts/1"
 DEFAULT_TEXTS = Path(__file__).resolve().parents[1] / "data" / "baselines" / "esiii.json"
 #: side of the blank image before it is put on the canvas (any size: it is uniform)
 BLANK_SIDE = 64
+#: the blank's grey level (our choice: mid-grey lets the bound move every pixel both ways)
+BLANK_VALUE = 0.5
+#: how the trained delta meets the user's image (also recorded in each artifact)
+FUSION = "clamp(user canvas + delta, 0, 1)"
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,9 @@ def blank_canvas(adapter: VLMAdapter, value: float) -> torch.Tensor:
     return adapter.prepare_image(torch.full((3, BLANK_SIDE, BLANK_SIDE), float(value)))
 
 
-def training_set(adapter: VLMAdapter, texts: ESIIITexts, *, blank: float = 0.5) -> TrainingSet:
+def training_set(
+    adapter: VLMAdapter, texts: ESIIITexts, *, blank: float = BLANK_VALUE
+) -> TrainingSet:
     """One pseudo-record per security instruction: the blank canvas, ``t_d``, target ``s_j``.
 
     They are labelled malicious only because :func:`davsp_lib.training.train` trains the
@@ -124,7 +130,7 @@ def train_defensive_image(
     batch_size: int = 4,
     step_size: float = 1 / 255,
     epsilon: float = 32 / 255,
-    blank: float = 0.5,
+    blank: float = BLANK_VALUE,
     checkpoint_every: int = 10,
     seed: int = 0,
     metadata: dict[str, Any] | None = None,
@@ -157,7 +163,7 @@ def train_defensive_image(
                 "text_instruction": texts.text_instruction,
                 "texts_sha256": texts.sha256(),
                 "texts_source": texts.source,
-                "fusion": "clamp(user canvas + delta, 0, 1)",
+                "fusion": FUSION,
             },
         },
     )  # fmt: skip
@@ -199,7 +205,11 @@ def make_defense(
 
 
 def instruction_likelihood(
-    adapter: VLMAdapter, prompt: VisualSafetyPrompt, texts: ESIIITexts, *, blank: float = 0.5
+    adapter: VLMAdapter,
+    prompt: VisualSafetyPrompt,
+    texts: ESIIITexts,
+    *,
+    blank: float = BLANK_VALUE,
 ) -> float:
     """Mean cross-entropy of the security instructions given ``t_d`` and ``i_def`` (lower:
     the defensive image carries them better); the quantity ESIII minimises."""

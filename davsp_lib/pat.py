@@ -1,28 +1,37 @@
 """PAT baseline: Prompt Adversarial Tuning (Mo et al., "Fight Back Against Jailbreaking via
-Prompt Adversarial Tuning", NeurIPS 2024, arXiv 2402.06255; code: github.com/rain152/PAT).
+Prompt Adversarial Tuning", NeurIPS 2024, arXiv 2402.06255; official code github.com/PKU-ML/PAT,
+whose code is file for file the same as the first author's copy github.com/rain152/PAT).
+
+The DAVSP paper's tables (Tables 1 and 2, also in its repository's ``assets/``) list a baseline
+"PAT"; its reference list was not readable here, so the identification rests on the name, the
+field (jailbreak defense by a tuned prompt) and the absence of another method of that name.
 
 PAT trains a *defense control*: a short string of discrete tokens put before the user's
 request. Each step alternates, as in the reference ``MultiPromptAttack.run``:
 
 1. **attack step** (GCG): an adversarial suffix after the malicious request is updated to make
    an affirmative target likely (the attacker the defense is hardened against);
-2. **defense step** (GCG on the control): minimise
+2. **defense step** (GCG on the control): candidates come from the gradient of the refusal loss
+   alone (the reference's ``PromptManager.def_grad`` sums over the refusal prompts only), and
+   the kept one minimises
    ``refusal_weight * CE(refusal | control + request + suffix)`` on malicious inputs
    ``+ benign_weight * CE(benign answer | control + benign request)`` on benign ones
-   (reference: ``refuse_target_weight = 1 - benign_weight``, ``benign_weight = 0.2``).
+   (reference: ``refuse_target_weight = 1 - benign_weight``, ``benign_weight = 0.2``,
+   ``target_weight = 0``).
 
 A GCG step takes the gradient of the loss with respect to the one-hot tokens of the control
 (here: the gradient on the input embeddings times the embedding matrix, which is the same
 thing), samples ``candidates`` single-token substitutions among each position's ``topk``
 tokens, and keeps the candidate with the lowest loss. Non-ASCII and special tokens are not
-allowed, and a candidate whose text does not tokenize back to itself is dropped (the
-reference's ``allow_non_ascii=False`` and ``filter_cand``).
+allowed (nor whitespace-only ones, which would merge with their neighbours), and a candidate
+whose text does not tokenize back to itself is dropped (the reference's
+``allow_non_ascii=False`` and ``filter_cand``).
 
 For vision-language models the records keep their image (FigStep-style typography for the
-malicious side); the control is a text prefix (``Conversation`` placement ``prefix``), so the
-defense is a text prompt at evaluation time. Checkpoints reuse
-:func:`davsp_lib.training.save_checkpoint`; a rerun resumes and ends bit-identical, because
-every random draw is seeded by (seed, step).
+malicious side); the control is a text prefix followed by a space, as the reference's
+``f"{def_control} {goal} {control}"`` (:func:`prompt_text`), so the defense is a text prompt at
+evaluation time. Checkpoints reuse :func:`davsp_lib.training.save_checkpoint`; a rerun resumes
+and ends bit-identical, because every random draw is seeded by (seed, step).
 """
 
 from __future__ import annotations
@@ -51,6 +60,14 @@ from davsp_lib.training import CHECKPOINT_NAME, TrainingSet, load_checkpoint, sa
 PAT_FORMAT = "davsp-pat-control/1"
 #: the reference's initial controls are runs of "!" tokens
 INIT_TOKEN = "!"
+#: between the control and the request (the reference: ``f"{def_control} {goal}"``)
+CONTROL_SEPARATOR = " "
+REFERENCE_CODE = "github.com/PKU-ML/PAT"
+
+
+def prompt_text(control_text: str) -> str:
+    """The text prompt a control becomes, in training and at evaluation (prefix placement)."""
+    return f"{control_text}{CONTROL_SEPARATOR}"
 
 
 @dataclass(frozen=True)
@@ -420,7 +437,7 @@ def train(
             record = data.malicious[i]
             conv = data.conversations[record.id]
             query = conv.query if suffix is None else f"{conv.query} {suffix}"
-            conv = dataclasses.replace(conv, query=query, safety_prompt=control_text,
+            conv = dataclasses.replace(conv, query=query, safety_prompt=prompt_text(control_text),
                                        safety_placement="prefix")  # fmt: skip
             rows.append(Row(record.id, conv, target or data.answers[record.id], weight))
         return rows
@@ -429,7 +446,8 @@ def train(
         rows = []
         for i in indices:
             record = data.benign[i]
-            conv = dataclasses.replace(data.conversations[record.id], safety_prompt=control_text,
+            conv = dataclasses.replace(data.conversations[record.id],
+                                       safety_prompt=prompt_text(control_text),
                                        safety_placement="prefix")  # fmt: skip
             rows.append(Row(record.id, conv, data.answers[record.id], config.benign_weight))
         return rows
@@ -438,6 +456,14 @@ def train(
         """The defense loss's rows: refusals on attacked malicious inputs, benign answers."""
         rows = malicious_rows(mal, text, suffix, target=None, weight=config.refusal_weight)
         return rows + (benign_rows(ben, text) if config.benign_weight > 0 else [])
+
+    def benign_loss(ben: list[int], control_text: str) -> float:
+        if config.benign_weight == 0:
+            return 0.0
+        rows = benign_rows(ben, control_text)
+        with torch.no_grad():
+            losses, _ = row_losses(adapter, data, rows)
+        return float(sum(r.weight * float(v) for r, v in zip(rows, losses, strict=True)))
 
     def fits(rows: list[Row], ids: list[int]) -> bool:
         with torch.no_grad():
@@ -478,9 +504,11 @@ def train(
 
             defense_rows = functools.partial(both_rows, mal, ben, suffix)
 
-            # 2. the defender's GCG step on the control
-            grad, before = token_gradient(adapter, data, defense_rows(control_text),
-                                          control.tolist())  # fmt: skip
+            # 2. the defender's GCG step on the control: candidates from the refusal gradient
+            # alone (unweighted, as the reference's def_grad), chosen by the whole defense loss
+            refusals = malicious_rows(mal, control_text, suffix, target=None, weight=1.0)
+            grad, refusal_loss = token_gradient(adapter, data, refusals, control.tolist())
+            before = config.refusal_weight * refusal_loss + benign_loss(ben, control_text)
             if not torch.isfinite(grad).all():
                 save(step)
                 raise RuntimeError(f"PAT step {step}: non-finite gradient; state saved")
@@ -505,7 +533,7 @@ def train(
     text = decode(adapter, control.tolist())
     result = PATControl(control.clone(), text, {
         **(metadata or {}),
-        "method": "PAT (Mo et al., NeurIPS 2024; reference code rain152/PAT)",
+        "method": f"PAT (Mo et al., NeurIPS 2024; reference code {REFERENCE_CODE})",
         "model": adapter.info(),
         "config": config.to_json(),
         "attack_suffix": decode(adapter, attack.tolist()) if config.attack else None,
@@ -523,7 +551,7 @@ def make_defense(
     adapter: VLMAdapter | None = None,
     root: str | Path | None = None,
 ) -> Any:
-    """The PAT defense: the trained control as a text prefix (no image part)."""
+    """The PAT defense: the trained control and a space as a text prefix (no image part)."""
     from davsp_lib.evaluation import Defense
 
     if training_dir is None:
@@ -533,7 +561,7 @@ def make_defense(
     return Defense(
         name=name,
         label=spec.label,
-        safety_prompt=control.text,
+        safety_prompt=prompt_text(control.text),
         placement=spec.placement,
         prompt_name="pat control (trained)",
         variant=spec.variant,

@@ -2,10 +2,13 @@
 
 The reference is the public code of zhangyitonggg/DAVSP (``train/optimize.py``,
 ``scripts/train.sh``, ``vector/*.py``, ``infer/inf_DAVSP.py``) and the paper (AAAI 2026) where
-the code does not say. Every row reads our value from the preset (``davsp_lib.pipeline.PRESETS``,
-falling back to the notebook's own parameter default) or from the library code, so the card
-cannot drift from what runs. A row is "same" when our value reads exactly as the reference's;
-otherwise it must carry the reason it differs (a test checks that every ``paper`` row does).
+the code does not say. The baselines' rows take their own publication as the reference: PAT's
+its official code (github.com/PKU-ML/PAT); ESIII's its paper, which publishes no code and of
+which only the abstract and summaries were readable here, so most ESIII values are ours and say
+why. Every row reads our value from the preset (``davsp_lib.pipeline.PRESETS``, falling back to
+the notebook's own parameter default) or from the library code, so the card cannot drift from
+what runs. A row is "same" when our value reads exactly as the reference's; otherwise it must
+carry the reason it differs (a test checks that every ``paper`` row does).
 
 ``davsp recipe --preset paper`` prints the card; every run's ``report.md`` ends with it.
 """
@@ -321,7 +324,8 @@ def _qwen(_read: PresetReader) -> str:
     return f"fixed {height} x {width} canvas; image_size='native:SIDE' for the processor's resize"
 
 
-ITEMS: tuple[RecipeItem, ...] = (
+#: the DAVSP recipe and the baselines that have one row each
+DAVSP_ITEMS: tuple[RecipeItem, ...] = (
     RecipeItem(
         "vector data",
         "vlguard unsafe-image 470 + vlguard safe 470 (with images; malicious chosen as easy to "
@@ -427,6 +431,225 @@ ITEMS: tuple[RecipeItem, ...] = (
         "LLaVA border, so notebook 05 can move a LLaVA border onto Qwen2-VL; native is an option",
     ),
 )
+
+
+# ------------------------------------------------------------------------------ ESIII and PAT
+
+#: ESIII publishes no code; what we could read of its paper is the abstract and summaries
+ESIII_UNREAD = "not specified in the text we could read"
+ESIII_WHY = "ESIII publishes no code and only its abstract and summaries were readable here: "
+NOT_TRAINED = "not trained by this preset"
+
+
+def _trained(variant: str, fmt: Callable[[PresetReader], str]) -> Callable[[PresetReader], str]:
+    """``fmt`` where the preset trains ``variant`` (notebook 02's ``variants``), else a note."""
+
+    def read_row(read: PresetReader) -> str:
+        return fmt(read) if variant in read("02_vsp_training", "variants") else NOT_TRAINED
+
+    return read_row
+
+
+def _esiii_start(_read: PresetReader) -> str:
+    from davsp_lib.esiii import BLANK_VALUE
+
+    return f"blank image, uniform grey {BLANK_VALUE:g} on the model canvas"
+
+
+def _esiii_step(read: PresetReader) -> str:
+    return f"signed gradient, {read('02_vsp_training', 'esiii_step_size') * 255:g}/255 per step"
+
+
+def _esiii_epsilon(read: PresetReader) -> str:
+    return f"L-inf bound {read('02_vsp_training', 'esiii_epsilon') * 255:g}/255"
+
+
+def _esiii_corpus(_read: PresetReader) -> str:
+    from davsp_lib.esiii import load_texts
+
+    texts = load_texts()
+    return (
+        f"{len(texts.security_instructions)} security instructions of our own (CC0, "
+        f"data/baselines/esiii.json) under t_d {texts.description_instruction!r}"
+    )
+
+
+def _esiii_text(_read: PresetReader) -> str:
+    from davsp_lib.esiii import load_texts
+    from davsp_lib.evaluation import DEFENSES
+
+    return f"{DEFENSES['esiii'].placement}: {load_texts().text_instruction!r}"
+
+
+def _esiii_fusion(_read: PresetReader) -> str:
+    from davsp_lib.esiii import FUSION
+
+    return FUSION
+
+
+def _pat_config(read: PresetReader) -> Any:
+    """The PAT config notebook 02 builds from the preset (the rest: PATConfig's defaults)."""
+    from davsp_lib.pat import PATConfig
+
+    nb = "02_vsp_training"
+    return PATConfig(
+        steps=read(nb, "pat_steps"),
+        control_len=read(nb, "pat_control_len"),
+        candidates=read(nb, "pat_candidates"),
+        topk=read(nb, "pat_topk"),
+        batch_size=read(nb, "pat_batch_size"),
+    )
+
+
+def _pat(fmt: Callable[[Any], str]) -> Callable[[PresetReader], str]:
+    return _trained("pat", lambda read: fmt(_pat_config(read)))
+
+
+def _pat_objective(config: Any) -> str:
+    return (
+        f"{config.refusal_weight:g} x CE(refusal | control + request + suffix) + "
+        f"{config.benign_weight:g} x CE(benign answer | control + benign request); candidates "
+        "from the refusal gradient"
+    )
+
+
+def _pat_attacker(config: Any) -> str:
+    if not config.attack:
+        return "none"
+    return f"GCG suffix of {config.attack_len} tokens, one fixed target {config.attack_target!r}"
+
+
+def _pat_targets(_config: Any) -> str:
+    from davsp_lib.training import REFUSAL_TARGET
+
+    return (
+        f"{REFUSAL_TARGET!r} for every malicious record; the undefended model's own answers "
+        "for the benign ones"
+    )
+
+
+def _pat_placement(_read: PresetReader) -> str:
+    from davsp_lib.adapters.llava import LlavaAdapter
+    from davsp_lib.conversation import Conversation
+    from davsp_lib.evaluation import DEFENSES
+    from davsp_lib.pat import prompt_text
+
+    spec = DEFENSES["pat"]
+    conv = Conversation(
+        "{request}", safety_prompt=prompt_text("{control}"), safety_placement=spec.placement
+    )
+    return f"{spec.placement}: {conv.user_text(LlavaAdapter.prefix_separator)!r}"
+
+
+ESIII_ITEMS: tuple[RecipeItem, ...] = (
+    RecipeItem(
+        "ESIII start",
+        "a blank image (its value " + ESIII_UNREAD + ")",
+        _trained("esiii", _esiii_start),
+        ESIII_WHY + "mid-grey is our choice, so that the bound can move every pixel both ways",
+    ),
+    RecipeItem(
+        "ESIII steps",
+        ESIII_UNREAD,
+        _trained("esiii", _train("esiii_steps")),
+        ESIII_WHY + "our choice (not tuned), of the order of the other trained image defenses here",
+    ),
+    RecipeItem(
+        "ESIII step size",
+        "gradient-based (PGD) steps; size " + ESIII_UNREAD,
+        _trained("esiii", _esiii_step),
+        ESIII_WHY + "the usual PGD step on [0, 1] images (UniGuard's alpha)",
+    ),
+    RecipeItem(
+        "ESIII epsilon",
+        "a perturbation bound; its value " + ESIII_UNREAD,
+        _trained("esiii", _esiii_epsilon),
+        ESIII_WHY + "our choice (not tuned), twice UniGuard's 16/255",
+    ),
+    RecipeItem(
+        "ESIII batch",
+        ESIII_UNREAD,
+        _trained("esiii", _train("batch_size", lambda b: f"{b} security instructions per step")),
+        ESIII_WHY + "the notebook's batch_size, shared with the DAVSP border",
+    ),
+    RecipeItem(
+        "ESIII corpus",
+        "a corpus of security instructions s_j under a description instruction t_d (not published)",
+        _trained("esiii", _esiii_corpus),
+        "substitution: the paper's corpus and t_d are not published; ours are written for this "
+        "workbook",
+    ),
+    RecipeItem(
+        "ESIII text instruction",
+        "a textual security instruction with the query (wording and place " + ESIII_UNREAD + ")",
+        _trained("esiii", _esiii_text),
+        ESIII_WHY + "our own wording, placed before the query as the DAVSP text prefix",
+    ),
+    RecipeItem(
+        "ESIII fusion",
+        "defensive image fused with the user's image (pixel level per the summaries; the "
+        "operation " + ESIII_UNREAD + ")",
+        _trained("esiii", _esiii_fusion),
+        ESIII_WHY + "adding the trained delta keeps the user's image whole and its size",
+    ),
+)
+
+#: PAT: the official code github.com/PKU-ML/PAT (``experiments/launch_scripts/
+#: run_gcg_multiple.sh``, run as its README says, ``bash run_gcg_multiple.sh vicuna 15 0.2 0``;
+#: ``experiments/configs/template.py``; ``llm_attacks/gcg/gcg_attack.py``)
+PAT_ITEMS: tuple[RecipeItem, ...] = (
+    RecipeItem("PAT control length", "15", _pat(lambda c: str(c.control_len))),
+    RecipeItem("PAT steps", "100", _pat(lambda c: str(c.steps))),
+    RecipeItem("PAT candidates", "256 per step", _pat(lambda c: f"{c.candidates} per step")),
+    RecipeItem("PAT top-k", "256", _pat(lambda c: str(c.topk))),
+    RecipeItem(
+        "PAT batch",
+        "all 25 training behaviours + 25 benign requests every step",
+        _pat(
+            lambda c: (
+                f"{c.batch_size} malicious + {c.batch_size} benign records per step, "
+                "drawn anew each step from the training pool"
+            )
+        ),
+        "each row carries its image (576 visual tokens on LLaVA-1.5), so scoring every candidate "
+        "on 25 + 25 rows would cost several times more per step; the rows are drawn from the "
+        "whole training pool rather than a fixed 25",
+    ),
+    RecipeItem(
+        "PAT objective",
+        "0.8 x CE(refusal | control + request + suffix) + 0.2 x CE(benign answer | control + "
+        "benign request); candidates from the refusal gradient",
+        _pat(_pat_objective),
+    ),
+    RecipeItem("PAT placement", "prefix: '{control} {request}'", _trained("pat", _pat_placement)),
+    RecipeItem(
+        "PAT attacker",
+        "GCG suffix of 20 tokens, AdvBench's per-request targets ('Sure, here is ...', "
+        "randomly 'Here is ...' or 'Sure, here's ...')",
+        _pat(_pat_attacker),
+        "our records have no per-request affirmative targets (AdvBench writes one per "
+        "behaviour): one fixed affirmative prefix for all",
+    ),
+    RecipeItem(
+        "PAT targets",
+        "per-request refusals written for the model (harmful_behaviors_refuse_vicuna.csv); "
+        "benign answers from benign_vicuna.csv",
+        _pat(_pat_targets),
+        "our records have no per-request refusals: one refusal for all (the DAVSP output-loss "
+        "target); benign answers as DAVSP's output loss",
+    ),
+    RecipeItem(
+        "PAT data",
+        "AdvBench harmful behaviours 1-25 (text only) + benign_vicuna.csv questions",
+        _trained("pat", lambda r: _pools_text(r, "training")),
+        "substitution: the training pool of every trained defense here (records with images); "
+        "AdvBench is text-only",
+    ),
+)
+
+
+#: every row of the card, in order
+ITEMS: tuple[RecipeItem, ...] = (*DAVSP_ITEMS, *ESIII_ITEMS, *PAT_ITEMS)
 
 
 def recipe_rows(preset: str = "paper") -> list[RecipeRow]:

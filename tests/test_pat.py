@@ -9,6 +9,7 @@ import torch
 
 from davsp_lib import datasets, evaluation, pat, training
 from davsp_lib.adapters.tiny import build_tiny_llava, build_tiny_qwen2_vl
+from davsp_lib.conversation import Conversation
 from davsp_lib.errors import DataError
 from davsp_lib.vsp import VisualSafetyPrompt
 
@@ -137,6 +138,29 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
         pat.train(adapter, data, other, tmp_path / "split", progress=False)
 
 
+def test_defense_candidates_come_from_the_refusal_gradient_alone(monkeypatch, tmp_path):
+    # the reference's PromptManager.def_grad sums over the refusal prompts only
+    adapter = build_tiny_llava()
+    data = training_data(adapter)
+    seen = []
+    real = pat.token_gradient
+
+    def spy(adapter, data, rows, ids):
+        seen.append([(r.record_id, r.target, r.weight) for r in rows])
+        return real(adapter, data, rows, ids)
+
+    monkeypatch.setattr(pat, "token_gradient", spy)
+    config = pat.PATConfig(steps=1, **{**SMALL, "batch_size": 2})
+    result = pat.train(adapter, data, config, tmp_path, progress=False)
+    attacker, defender = seen
+    assert {target for _, target, _ in attacker} == {config.attack_target}
+    malicious = {r.id for r in data.malicious}
+    assert len(defender) == 2
+    assert all(rid in malicious and target == training.REFUSAL_TARGET and weight == 1.0
+               for rid, target, weight in defender)  # fmt: skip
+    assert result.history[0]["loss_before"] > 0
+
+
 def test_training_needs_both_classes(tmp_path):
     adapter = build_tiny_llava()
     data = training_data(adapter)
@@ -177,7 +201,10 @@ def test_the_defense_is_the_control_as_a_prefix(setup, tmp_path):
     control = control_for(adapter)
     control.save(tmp_path / "pat")
     defense = evaluation.make_defense("pat", training_dir=tmp_path, adapter=adapter)
-    assert defense.safety_prompt == control.text and defense.placement == "prefix"
+    assert defense.safety_prompt == pat.prompt_text(control.text) and defense.placement == "prefix"
+    # the reference's f"{def_control} {goal}": control, one space, request (LLaVA, Qwen2-VL)
+    conv = Conversation("Q?", safety_prompt=defense.safety_prompt, safety_placement="prefix")
+    assert conv.user_text(adapter.prefix_separator) == f"{control.text} Q?"
     assert defense.vsp is None and defense.trained.text == control.text
     assert defense.describe()["image"] is None
     malicious, benign = records(1)

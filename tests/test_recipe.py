@@ -100,3 +100,126 @@ def test_markdown_is_one_table_row_per_item(paper_rows):
     assert lines[2] == "| item | reference | ours | same, or why not |"
     assert len(lines) == 4 + len(recipe.ITEMS)
     assert lines[4 + 4] == "| layer | 20 of 40 (fixed) | 20 of 40 (fixed) | same |"
+
+
+# ------------------------------------------------------------------------------ ESIII and PAT
+
+ESIII_ROWS = [
+    "ESIII start",
+    "ESIII steps",
+    "ESIII step size",
+    "ESIII epsilon",
+    "ESIII batch",
+    "ESIII corpus",
+    "ESIII text instruction",
+    "ESIII fusion",
+]
+PAT_ROWS = [
+    "PAT control length",
+    "PAT steps",
+    "PAT candidates",
+    "PAT top-k",
+    "PAT batch",
+    "PAT objective",
+    "PAT placement",
+    "PAT attacker",
+    "PAT targets",
+    "PAT data",
+]
+
+
+def test_the_baseline_rows_close_the_card_in_order(paper_rows):
+    assert list(paper_rows)[-len(ESIII_ROWS) - len(PAT_ROWS) :] == ESIII_ROWS + PAT_ROWS
+    for item in ESIII_ROWS + PAT_ROWS:
+        row = paper_rows[item]
+        assert row.status == "same" or (row.ours != row.reference and len(row.status) > 20)
+        assert row.ours != recipe.NOT_TRAINED  # the paper preset trains both
+
+
+def test_esiii_rows_read_the_preset_and_the_library(paper_rows):
+    ours = {item: paper_rows[item].ours for item in ESIII_ROWS}
+    assert ours == {
+        "ESIII start": "blank image, uniform grey 0.5 on the model canvas",
+        "ESIII steps": "1000",
+        "ESIII step size": "signed gradient, 1/255 per step",
+        "ESIII epsilon": "L-inf bound 32/255",
+        "ESIII batch": "2 security instructions per step",
+        "ESIII corpus": "12 security instructions of our own (CC0, data/baselines/esiii.json) "
+        "under t_d 'Describe the instructions shown in this image.'",
+        "ESIII text instruction": "prefix: 'Safety first: if the image or the request asks for "
+        "anything harmful, illegal, dangerous or unethical, refuse and explain why; otherwise "
+        "answer helpfully.'",
+        "ESIII fusion": "clamp(user canvas + delta, 0, 1)",
+    }
+    # no public code and no readable full text: every row differs, saying why
+    for item in ESIII_ROWS:
+        assert paper_rows[item].status != "same"
+        assert "not specified" in paper_rows[item].reference or "not published" in (
+            paper_rows[item].reference
+        )
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        "PAT control length",
+        "PAT steps",
+        "PAT candidates",
+        "PAT top-k",
+        "PAT objective",
+        "PAT placement",
+    ],
+)
+def test_the_paper_preset_runs_pat_as_its_official_code(paper_rows, item):
+    assert paper_rows[item].status == "same", paper_rows[item]
+
+
+def test_pat_rows_that_differ_say_why(paper_rows):
+    assert paper_rows["PAT batch"].ours == (
+        "8 malicious + 8 benign records per step, drawn anew each step from the training pool"
+    )
+    assert paper_rows["PAT placement"].ours == "prefix: '{control} {request}'"
+    assert (
+        paper_rows["PAT attacker"].ours
+        == "GCG suffix of 20 tokens, one fixed target 'Sure, here is'"
+    )
+    assert paper_rows["PAT data"].ours == "mm-safetybench/typo 600 + mm-vet 100"
+    for item in ("PAT batch", "PAT attacker", "PAT targets", "PAT data"):
+        assert (
+            paper_rows[item].status not in ("same", "") and "DIFFERS" not in paper_rows[item].status
+        )
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "item", "ours"),
+    [
+        ("esiii_steps", 7, "ESIII steps", "7"),
+        ("esiii_step_size", 2 / 255, "ESIII step size", "signed gradient, 2/255 per step"),
+        ("esiii_epsilon", 16 / 255, "ESIII epsilon", "L-inf bound 16/255"),
+        ("batch_size", 3, "ESIII batch", "3 security instructions per step"),
+        ("pat_steps", 9, "PAT steps", "9"),
+        ("pat_control_len", 20, "PAT control length", "20"),
+        ("pat_candidates", 64, "PAT candidates", "64 per step"),
+        ("pat_topk", 32, "PAT top-k", "32"),
+        (
+            "pat_batch_size",
+            25,
+            "PAT batch",
+            "25 malicious + 25 benign records per step, drawn "
+            "anew each step from the training pool",
+        ),
+    ],
+)
+def test_a_changed_preset_parameter_changes_its_row(monkeypatch, shared_data, name, value, item,
+                                                     ours):  # fmt: skip
+    before = {row.item: row for row in recipe.recipe_rows("paper")}[item]
+    monkeypatch.setitem(PRESETS["paper"]["02_vsp_training"], name, value)
+    after = {row.item: row for row in recipe.recipe_rows("paper")}[item]
+    assert after.ours == ours != before.ours
+    assert after.status != "same"
+
+
+def test_a_preset_that_trains_neither_says_so(monkeypatch, shared_data):
+    monkeypatch.setitem(PRESETS["paper"]["02_vsp_training"], "variants", ["davsp"])
+    rows = {row.item: row for row in recipe.recipe_rows("paper")}
+    assert {rows[item].ours for item in ESIII_ROWS + PAT_ROWS} == {recipe.NOT_TRAINED}

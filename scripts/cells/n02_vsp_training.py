@@ -288,7 +288,7 @@ for variant in variants:
         pat_run = pat.train(adapter, pat_data, pat_config, output_dir / variant, metadata={
             "data": data_ids, "answers": pat_data.answer_source, "seed": seed})
         files = pat_run.control.save(output_dir / variant)
-        texts_of[variant] = pat_run.control.text
+        texts_of[variant] = pat.prompt_text(pat_run.control.text)
         results_by_variant[variant] = {
             "files": [str(f) for f in files], "steps": len(pat_run.history),
             "resumed_from": pat_run.resumed_from, "final_loss": pat_run.history[-1]["loss"],
@@ -411,7 +411,7 @@ for variant, run in trained.items():
     projection_results[variant] = summary(after[variant])
 if pat_run is not None:  # a text prefix only
     after["pat"] = training.projections(adapter, held, vector, layer, prompt=None,
-                                        safety_prompt=pat_run.control.text, batch_size=batch_size)
+                                        safety_prompt=texts_of["pat"], batch_size=batch_size)
     projection_results["pat"] = summary(after["pat"])
 for name, values in projection_results.items():
     print(f"{name:>10}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()))
