@@ -107,7 +107,7 @@ def _read(args: argparse.Namespace) -> int:
     adapter = _load(args.model)
     for path in args.image:
         canvas = _canvas(adapter, path)[None]
-        if hasattr(adapter, "perceive"):  # the embedded model: its visual input, decoded
+        if adapter.perceives_text:  # the embedded model: its visual input, decoded
             text = adapter.perceive(canvas)[0]
         else:  # a real VLM: its answer when asked to transcribe
             conv = Conversation(TRANSCRIBE_QUERY)

@@ -547,7 +547,7 @@ def train(
     began = time.perf_counter()
     with contextlib.ExitStack() as stack:
         # one border for the whole batch: models that read it per row may read it once
-        stack.enter_context(getattr(adapter, "shared_border", contextlib.nullcontext)())
+        stack.enter_context(adapter.shared_border())
         bar = stack.enter_context(
             tqdm(total=config.steps, initial=start_step, desc=config.variant, disable=not progress)
         )

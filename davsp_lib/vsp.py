@@ -48,7 +48,7 @@ class VSPMismatchError(ValueError):
 
 def default_width(adapter: VLMAdapter) -> int:
     """The adapter's own ring width if it has one (embedded model), else DAVSP's 30 px."""
-    return int(getattr(adapter, "border_width", 30))
+    return 30 if adapter.border_width is None else int(adapter.border_width)
 
 
 def placer_for(prompt: VisualSafetyPrompt | None, adapter: VLMAdapter):
