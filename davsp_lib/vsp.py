@@ -149,12 +149,6 @@ class VisualSafetyPrompt:
             return cls(border_start(adapter, start), "border", width, None, {}, clamp, start)
         return cls.zero_noise(adapter.image_size, epsilon)
 
-    def blank_like(self) -> VisualSafetyPrompt:
-        """The untrained prompt of the same kind and geometry (composition is the identity)."""
-        if self.kind == "border":
-            return VisualSafetyPrompt.blank(self.canvas, self.width)
-        return VisualSafetyPrompt.zero_noise(self.canvas, float(self.epsilon or 0))
-
     # -- geometry ------------------------------------------------------------------------------
     @property
     def canvas(self) -> tuple[int, int]:

@@ -65,10 +65,6 @@ class EncodedBatch:
     labels: torch.Tensor | None = None
     prompt_lengths: list[int] = field(default_factory=list)
 
-    @property
-    def batch_size(self) -> int:
-        return int(self.last_input_index.shape[0])
-
 
 def check_pixels(images: torch.Tensor, expected_channels: int = 3, *, bounded: bool = True) -> None:
     """Refuse anything that is not a float ``[B, C, H, W]`` tensor in ``[0, 1]`` (any finite
