@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="davsp", description="DAVSP workbook")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -119,7 +119,7 @@ def _read(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     from davsp_lib.errors import DataError, UnsupportedModelError
 
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     commands = {"run": _run, "data": _data, "ask": _ask, "read": _read, "recipe": _recipe}
     try:
         return commands[args.command](args)

@@ -93,7 +93,7 @@ def test_a_border_that_says_something_writes_those_characters(adapter):
     ImageDraw.Draw(strip).text((4, 2), "SAFE SAFE SAFE", fill=0, font_size=24)
     canvas[:, :30, :] = to_tensor(strip.convert("RGB"))
     slots = adapter.border_embeddings(canvas)[:4].sum(0)  # the top side's slots
-    chars = adapter._char_embeddings
+    chars = adapter.char_embeddings
     index = {c: i for i, c in enumerate("0123456789")}  # digits: unrelated characters
     letters = chars[[adapter_char("S"), adapter_char("A"), adapter_char("F"), adapter_char("E")]]
     digits = chars[list(index.values())]

@@ -191,7 +191,7 @@ class EmbeddedAdapter(VLMAdapter):
         }
 
     @functools.cached_property
-    def _char_embeddings(self) -> torch.Tensor:
+    def char_embeddings(self) -> torch.Tensor:
         """``[96, D]``: the language model's embedding of each CRNN character (one token each)."""
         ids = []
         for char in CHARACTERS:
@@ -272,7 +272,7 @@ class EmbeddedAdapter(VLMAdapter):
             if all(torch.equal(first, c.detach()[:, ring]) for c in canvases[1:]):
                 return self.border_embeddings_batch(canvases[:1]).expand(len(canvases), -1, -1)
         sides = [ring_strips(canvas, self.border_width) for canvas in canvases]  # B x 4
-        chars = self._char_embeddings.to(canvases.dtype)
+        chars = self.char_embeddings.to(canvases.dtype)
         probs: dict[tuple[int, int], torch.Tensor] = {}
         for group in ((0, 1), (2, 3)):  # equal lengths within a group
             strips = [sides[b][s] for b in range(len(sides)) for s in group]
