@@ -32,7 +32,6 @@ import numpy as np
 import torch
 
 from davsp_lib.diagnostics import study_data, suggest_margins
-from davsp_lib.embedded.channel import VisionEmbeddedAdapter
 from davsp_lib.embedded.model import EmbeddedAdapter
 from davsp_lib.inputs import canvas_for, conversation_for
 from davsp_lib.training import (
@@ -48,18 +47,11 @@ from davsp_lib.vectors import extract, fit_vector
 from davsp_lib.vsp import VisualSafetyPrompt
 
 
-def border_positions(adapter: EmbeddedAdapter) -> list[int]:
-    """Indices, within the image block, of the tokens the border owns."""
-    if isinstance(adapter, VisionEmbeddedAdapter):
-        return adapter.ring_cells()
-    return list(range(adapter.num_slots))
-
-
 @contextlib.contextmanager
 def free_embeddings(adapter: EmbeddedAdapter, free: torch.Tensor) -> Iterator[None]:
     """Add ``free`` ``[k, D]`` at the border's token positions of every row (then restore)."""
     original = adapter.place_image_tokens
-    index = torch.tensor(border_positions(adapter))
+    index = torch.tensor(adapter.border_token_indices())
 
     def placed(embeds, canvases, positions):
         out = original(embeds, canvases, positions)
@@ -77,7 +69,7 @@ def free_embeddings(adapter: EmbeddedAdapter, free: torch.Tensor) -> Iterator[No
 
 def train_free(adapter, data: TrainingSet, config: TrainConfig, direction) -> torch.Tensor:
     """The free-embedding upper bound: same plan, loss and Adam as :func:`train`."""
-    free = torch.zeros(len(border_positions(adapter)), adapter.hidden_size, requires_grad=True)
+    free = torch.zeros(len(adapter.border_token_indices()), adapter.hidden_size, requires_grad=True)
     optimizer = torch.optim.Adam([free], lr=config.lr)
     for step in batch_plan(config, len(data.malicious), len(data.benign)):
         records = [data.malicious[i] for i in step.malicious] + [
@@ -167,7 +159,7 @@ def measure(adapter: EmbeddedAdapter, args, log=print) -> dict:
         freed = held_out(adapter, heldout, vector, args.layer)
     out = {
         "model": adapter.model_id,
-        "border_tokens": len(border_positions(adapter)),
+        "border_tokens": len(adapter.border_token_indices()),
         "layer": args.layer,
         "margins": [mu_plus, mu_minus],
         "sizes": {"vector": len(study.vector), **chosen.sizes()},

@@ -115,10 +115,6 @@ def edit_ops(reference: str, hypothesis: str) -> list[tuple[str, str]]:
     return pairs[::-1]
 
 
-def edit_distance(reference: str, hypothesis: str) -> int:
-    return sum(a != b for a, b in edit_ops(reference, hypothesis))
-
-
 @dataclass
 class Cell:
     """Accumulated errors of one (style, size, boxes) condition."""

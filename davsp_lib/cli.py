@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="davsp", description="DAVSP workbook")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -107,7 +107,7 @@ def _read(args: argparse.Namespace) -> int:
     adapter = _load(args.model)
     for path in args.image:
         canvas = _canvas(adapter, path)[None]
-        if hasattr(adapter, "perceive"):  # the embedded model: its visual input, decoded
+        if adapter.perceives_text:  # the embedded model: its visual input, decoded
             text = adapter.perceive(canvas)[0]
         else:  # a real VLM: its answer when asked to transcribe
             conv = Conversation(TRANSCRIBE_QUERY)
@@ -119,7 +119,7 @@ def _read(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     from davsp_lib.errors import DataError, UnsupportedModelError
 
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     commands = {"run": _run, "data": _data, "ask": _ask, "read": _read, "recipe": _recipe}
     try:
         return commands[args.command](args)

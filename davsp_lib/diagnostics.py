@@ -316,14 +316,14 @@ class StudyData:
         return {name: [r.id for r in records] for name, records in self.parts().items()}
 
 
-def _take(records: Sequence[Record], n: int, seed: int, name: str) -> list[Record]:
+def take_subset(records: Sequence[Record], n: int, seed: int, name: str) -> list[Record]:
     """``n`` records, seeded and group-aware (:func:`make_splits`), in split (id) order."""
     if n == 0:
         return []
     return make_splits(records, {name: n}, seed).select(records, name)
 
 
-def _require(requested: int, available: int, what: str) -> int:
+def require_count(requested: int, available: int, what: str) -> int:
     """``requested``, or a :class:`~davsp_lib.pools.PoolError` when fewer are available."""
     from davsp_lib.pools import PoolError
 
@@ -332,7 +332,7 @@ def _require(requested: int, available: int, what: str) -> int:
     return requested
 
 
-def _clamp(requested: int, available: int, what: str, notes: list[str]) -> int:
+def clamp_count(requested: int, available: int, what: str, notes: list[str]) -> int:
     if requested > available:
         notes.append(f"{what}: {requested} requested, {available} available; using {available}")
         return available
@@ -361,18 +361,20 @@ def study_data(
     parts, selection = {}, {}
     for split in ("harmful_train", "harmless_train"):
         data = list(load_text_prompts(root, split))
-        n = _require(n_vector, len(data), f"vector split from text-prompts {split}")
-        parts[split] = _take(data, n, seed, "vector")
+        n = require_count(n_vector, len(data), f"vector split from text-prompts {split}")
+        parts[split] = take_subset(data, n, seed, "vector")
         # the selection split (layer and margins) comes from what the vector left of the split
         taken = {r.group_key for r in parts[split]}
         left = [r for r in data if r.group_key not in taken]
         what = f"selection split from text-prompts {split} (after {n} for the vector)"
-        selection[split] = _take(left, _require(n_heldout, len(left), what), seed, "selection")
+        selection[split] = take_subset(
+            left, require_count(n_heldout, len(left), what), seed, "selection"
+        )
     seen = {r.group_key for records in [*parts.values(), *selection.values()] for r in records}
     for split in ("harmful_val", "harmless_val"):
         data = [r for r in load_text_prompts(root, split) if r.group_key not in seen]
-        n = _require(n_heldout, len(data), f"held-out from text-prompts {split}")
-        parts[split] = _take(data, n, seed, "heldout")
+        n = require_count(n_heldout, len(data), f"held-out from text-prompts {split}")
+        parts[split] = take_subset(data, n, seed, "heldout")
     gap_text = _balanced(builtin_text, n_gap, seed, notes)
     return StudyData(
         source="text-prompts (mirror) + built-in",
@@ -425,8 +427,8 @@ def _balanced(data: Dataset, n: int, seed: int, notes: list[str]) -> list[Record
     chosen: list[Record] = []
     for label in ("malicious", "benign"):
         records = [r for r in data if r.label.value == label]
-        count = _clamp(n, len(records), f"modality-gap {label} from {data.name}", notes)
-        chosen += _take(records, count, seed, "gap")
+        count = clamp_count(n, len(records), f"modality-gap {label} from {data.name}", notes)
+        chosen += take_subset(records, count, seed, "gap")
     return chosen
 
 
@@ -437,8 +439,8 @@ def _builtin_study(
     taken: dict[str, dict[str, list[Record]]] = {}
     for label in ("malicious", "benign"):
         records = [r for r in data if r.label.value == label]
-        n_held = _clamp(n_heldout, len(records) // 2, f"built-in held-out {label}", notes)
-        n_vec = _clamp(n_vector, len(records) - n_held, f"built-in vector {label}", notes)
+        n_held = clamp_count(n_heldout, len(records) // 2, f"built-in held-out {label}", notes)
+        n_vec = clamp_count(n_vector, len(records) - n_held, f"built-in vector {label}", notes)
         split = make_splits(records, {"heldout": n_held, "vector": n_vec}, seed)
         taken[label] = {name: split.select(records, name) for name in split.names}
     easy, benign_text = taken["malicious"]["heldout"], taken["benign"]["heldout"]

@@ -47,7 +47,7 @@ from tqdm import tqdm
 from davsp_lib.adapters.base import VLMAdapter
 from davsp_lib.conversation import Placement
 from davsp_lib.errors import DataError
-from davsp_lib.inputs import _runs
+from davsp_lib.inputs import record_runs
 from davsp_lib.io import (
     atomic_open,
     atomic_write_bytes,
@@ -181,7 +181,7 @@ def batch_spans(records: Sequence[Record], batch_size: int, *, blank_image: bool
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     spans, start = [], 0
-    for chunk in _runs(records, batch_size, blank_image):
+    for chunk in record_runs(records, batch_size, blank_image):
         spans.append((start, start + len(chunk)))
         start += len(chunk)
     return spans
@@ -336,7 +336,7 @@ def default_work_dir(out_path: str | Path, tag: str = "shards") -> Path:
 # ------------------------------------------------------------------------------ extraction
 
 
-def _save_activations(path: Path, acts: Activations) -> None:
+def save_activations(path: Path, acts: Activations) -> None:
     from safetensors.torch import save
 
     # one metadata key: safetensors writes several keys in a random order (different bytes)
@@ -351,7 +351,7 @@ def _save_activations(path: Path, acts: Activations) -> None:
     atomic_write_bytes(path, data)
 
 
-def _load_activations(path: Path, expected_ids: Sequence[str]) -> Activations:
+def load_activations(path: Path, expected_ids: Sequence[str]) -> Activations:
     from safetensors import safe_open
 
     try:
@@ -381,7 +381,7 @@ def merge_extraction(work_dir: str | Path) -> Activations:
     spans = plan["spans"]
     _missing_batches(work_dir, len(spans), ".safetensors")
     parts = [
-        _load_activations(batch_file(work_dir, i, ".safetensors"), plan["ids"][start:end])
+        load_activations(batch_file(work_dir, i, ".safetensors"), plan["ids"][start:end])
         for i, (start, end) in enumerate(spans)
     ]
     return Activations(
@@ -431,7 +431,7 @@ def sharded_extract(
 
     def run(batch: list[Record], path: Path) -> None:
         acts = extract(adapter, batch, chosen, batch_size=len(batch), progress=False, **options)
-        _save_activations(path, acts)
+        save_activations(path, acts)
 
     fingerprint = {"task": "extract", "model": adapter.info(), "layers": chosen, **options}
     run_batches(

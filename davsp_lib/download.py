@@ -233,7 +233,7 @@ def mirror_url(base_url: str, rel: str) -> str:
     return f"{base_url.rstrip('/')}/{urllib.parse.quote(rel)}"
 
 
-def _request(url: str, use_token: bool) -> urllib.request.Request:
+def build_request(url: str, use_token: bool) -> urllib.request.Request:
     """GET request; a Hugging Face token (gated datasets) goes to huggingface.co only."""
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     token = os.environ.get("HF_TOKEN")
@@ -262,7 +262,7 @@ def _get(
 ) -> tuple[int, str]:
     """Stream one URL into ``handle``; transport problems become retryable ``_FetchError``s."""
     try:
-        with urllib.request.urlopen(_request(url, use_token), timeout=timeout) as response:
+        with urllib.request.urlopen(build_request(url, use_token), timeout=timeout) as response:
             return _stream_to(response, handle, entry.size, bar)
     except urllib.error.HTTPError as exc:
         exc.close()

@@ -56,7 +56,9 @@ def conversation_for(
     )
 
 
-def _runs(records: Sequence[Record], batch_size: int, blank_image: bool) -> Iterator[list[Record]]:
+def record_runs(
+    records: Sequence[Record], batch_size: int, blank_image: bool
+) -> Iterator[list[Record]]:
     """Consecutive chunks of at most ``batch_size`` records that agree on having an image."""
     chunk: list[Record] = []
     for record in records:
@@ -108,7 +110,7 @@ def iter_batches(
         if blank_image and any(not r.has_image for r in records)
         else None
     )
-    for chunk in _runs(records, batch_size, blank_image):
+    for chunk in record_runs(records, batch_size, blank_image):
         with_image = chunk[0].has_image or blank is not None
         images = None
         if with_image:

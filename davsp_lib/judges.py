@@ -29,11 +29,14 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from davsp_lib import prompts
+
+if TYPE_CHECKING:
+    from davsp_lib.adapters.base import VLMAdapter
 
 ENV_BASE_URL = "DAVSP_JUDGE_BASE_URL"
 ENV_API_KEY = "DAVSP_JUDGE_API_KEY"
@@ -319,14 +322,15 @@ class LocalLLMJudge(Judge):
     @classmethod
     def from_adapter(
         cls,
-        adapter: Any,
+        adapter: VLMAdapter,
         *,
         template: str = "davsp",
         batch_size: int = 8,
         root: str | Path | None = None,
     ) -> LocalLLMJudge:
-        """The language model inside the embedded adapter (``adapter.lm`` + its tokenizer)."""
-        lm = getattr(adapter, "lm", None)
+        """The bare language model of an adapter that has one (``adapter.lm``: the embedded
+        model's) with its tokenizer."""
+        lm = adapter.lm
         if lm is None:
             raise ValueError(
                 f"{adapter.info()['model_id']}: no bare language model (.lm) to judge with; "

@@ -181,7 +181,7 @@ def embedding_layer(adapter: VLMAdapter) -> torch.nn.Module:
 
 
 @functools.lru_cache(maxsize=4)
-def _disallowed(tokenizer: Any, vocab_size: int) -> torch.Tensor:
+def disallowed_tokens(tokenizer: Any, vocab_size: int) -> torch.Tensor:
     """Token ids a control may not use: special and added tokens, non-ASCII or non-printable
     text, newlines."""
     banned = torch.zeros(vocab_size, dtype=torch.bool)
@@ -407,7 +407,7 @@ def train(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab = embedding_layer(adapter).weight.shape[0]
-    banned = _disallowed(adapter.tokenizer, vocab)
+    banned = disallowed_tokens(adapter.tokenizer, vocab)
     fingerprint = _fingerprint(config, data, adapter)
     history: list[dict[str, Any]] = []
     start_step = 0

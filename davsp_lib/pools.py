@@ -343,31 +343,6 @@ def check_disjoint(pools: Mapping[str, Pool]) -> None:
                     seen[key] = where
 
 
-# ------------------------------------------------------------------ one function per pool
-
-
-def vector_pool(root: str | Path | None, spec: PoolsSpec | str = "paper", seed: int = 0) -> Pool:
-    """The vector's malicious and benign inputs (notebook 01)."""
-    return build_pools(root, spec, seed=seed)["vector"]
-
-
-def training_pool(root: str | Path | None, spec: PoolsSpec | str = "paper", seed: int = 0) -> Pool:
-    """The border's malicious and benign training inputs (notebook 02)."""
-    return build_pools(root, spec, seed=seed)["training"]
-
-
-def selection_pool(root: str | Path | None, spec: PoolsSpec | str = "paper", seed: int = 0) -> Pool:
-    """Inputs that choose the layer and the margins (notebook 01)."""
-    return build_pools(root, spec, seed=seed)["selection"]
-
-
-def evaluation_pool(
-    root: str | Path | None, spec: PoolsSpec | str = "paper", seed: int = 0
-) -> Pool:
-    """Everything held out: reported AUROC, projections and generation (notebooks 01-03)."""
-    return build_pools(root, spec, seed=seed)["evaluation"]
-
-
 def take(pool: Pool, part: str, n: int, *, seed: int = 0) -> list[Record]:
     """``n`` records of one part (a seeded subset for a smaller run); too many raises."""
     if part not in pool.parts:

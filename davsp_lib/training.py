@@ -150,7 +150,7 @@ class Step:
     malicious_output: bool = False
 
 
-def _draws(n: int, count: int, seed: int, stream: int) -> list[int]:
+def seeded_draws(n: int, count: int, seed: int, stream: int) -> list[int]:
     """``count`` indices from consecutive seeded permutations of ``range(n)`` (epochs)."""
     out: list[int] = []
     epoch = 0
@@ -179,8 +179,8 @@ def batch_plan(config: TrainConfig, n_malicious: int, n_benign: int) -> list[Ste
         kinds = [(size, 0) if c < 0.5 else (0, size) for c in coins]
     if config.variant in ("uniguard", "esiii"):  # one target corpus, no benign side
         kinds = [(size, 0)] * config.steps
-    mal = _draws(n_malicious, sum(k[0] for k in kinds), config.seed, 1) if n_malicious else []
-    ben = _draws(n_benign, sum(k[1] for k in kinds), config.seed, 2) if n_benign else []
+    mal = seeded_draws(n_malicious, sum(k[0] for k in kinds), config.seed, 1) if n_malicious else []
+    ben = seeded_draws(n_benign, sum(k[1] for k in kinds), config.seed, 2) if n_benign else []
     coins = malicious_output_coins(config)
     plan, i, j = [], 0, 0
     for (n_mal, n_ben), coin in zip(kinds, coins, strict=True):
@@ -397,13 +397,14 @@ def forward_losses(
 # ------------------------------------------------------------------------------ checkpoints
 
 
-def _save_checkpoint(
+def save_checkpoint(
     path: Path,
     delta: torch.Tensor,
     optimizer: torch.optim.Optimizer | None,
     state: dict[str, Any],
     snapshots: dict[int, torch.Tensor],
 ) -> None:
+    """Write a trainer's checkpoint atomically (also used by ``uniguard`` and ``pat``)."""
     from safetensors.torch import save as to_bytes
 
     tensors = {"delta": delta.detach().cpu().contiguous()}
@@ -417,7 +418,7 @@ def _save_checkpoint(
     atomic_write_bytes(path, to_bytes(tensors, metadata=metadata))
 
 
-def _load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     from safetensors import safe_open
 
     try:
@@ -433,11 +434,6 @@ def _load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     if header.get("format") != CHECKPOINT_FORMAT or "delta" not in tensors:
         raise DataError(path, f"not a training checkpoint (format {header.get('format')!r})")
     return tensors, header["state"]
-
-
-#: the same checkpoint files for the other trainers (``davsp_lib.esiii``, ``davsp_lib.pat``)
-save_checkpoint = _save_checkpoint
-load_checkpoint = _load_checkpoint
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -509,7 +505,7 @@ def train(
     start_step = 0
     checkpoint = out_dir / CHECKPOINT_NAME
     if checkpoint.is_file():
-        tensors, state = _load_checkpoint(checkpoint)
+        tensors, state = load_checkpoint(checkpoint)
         if state.get("fingerprint") != fingerprint:
             raise DataError(
                 checkpoint,
@@ -540,14 +536,14 @@ def train(
             "optimizer_steps": bool(optimizer is not None and optimizer.state),
             "config": config.to_json(),
         }
-        _save_checkpoint(checkpoint, delta, optimizer, state, snapshots)
+        save_checkpoint(checkpoint, delta, optimizer, state, snapshots)
 
     mask = prompt.mask(adapter.device)
     last = min(config.steps, stop_after if stop_after is not None else config.steps)
     began = time.perf_counter()
     with contextlib.ExitStack() as stack:
         # one border for the whole batch: models that read it per row may read it once
-        stack.enter_context(getattr(adapter, "shared_border", contextlib.nullcontext)())
+        stack.enter_context(adapter.shared_border())
         bar = stack.enter_context(
             tqdm(total=config.steps, initial=start_step, desc=config.variant, disable=not progress)
         )
@@ -725,7 +721,7 @@ def training_records(
     clamp). ``root=None``: the built-in dataset is split instead, sizes reduced with a note.
     """
     from davsp_lib.datasets import as_image_attack, load_builtin, load_mmvet, load_text_prompts
-    from davsp_lib.diagnostics import _clamp, _require, _take
+    from davsp_lib.diagnostics import clamp_count, require_count, take_subset
     from davsp_lib.splits import make_splits
 
     notes: list[str] = []
@@ -736,8 +732,8 @@ def training_records(
         parts: dict[str, list[Record]] = {}
         for label in ("malicious", "benign"):
             records = [r for r in data if r.label.value == label and r.id not in skip]
-            n_held = _clamp(n_heldout, len(records) // 2, f"built-in held-out {label}", notes)
-            n_tr = _clamp(n_train, len(records) - n_held, f"built-in train {label}", notes)
+            n_held = clamp_count(n_heldout, len(records) // 2, f"built-in held-out {label}", notes)
+            n_tr = clamp_count(n_train, len(records) - n_held, f"built-in train {label}", notes)
             split = make_splits(records, {"heldout": n_held, "train": n_tr}, seed)
             parts[label] = split.select(records, "train")
             parts[f"heldout_{label}"] = split.select(records, "heldout")
@@ -752,12 +748,14 @@ def training_records(
     ):  # fmt: skip
         records = [r for r in load_text_prompts(root, split) if r.id not in skip]
         what = f"training data from text-prompts {split} ({len(skip)} ids excluded)"
-        count = _require(n, len(records), what)
-        chosen[split] = list(as_image_attack(_take(records, count, seed, salt), "figstep"))
+        count = require_count(n, len(records), what)
+        chosen[split] = list(as_image_attack(take_subset(records, count, seed, salt), "figstep"))
     benign = chosen["harmless_train"]
     if n_mmvet:
         mmvet = list(load_mmvet(root))
-        benign += _take(mmvet, _require(n_mmvet, len(mmvet), "MM-Vet training data"), seed, "train")
+        benign += take_subset(
+            mmvet, require_count(n_mmvet, len(mmvet), "MM-Vet training data"), seed, "train"
+        )
     return TrainingRecords(
         "text-prompts rendered FigStep-style (mirror)" + (" + MM-Vet" if n_mmvet else ""),
         chosen["harmful_train"], benign, chosen["harmful_val"], chosen["harmless_val"], notes,

@@ -68,7 +68,7 @@ def geometry(
     that ring (otherwise part of the border falls into B's reading window, or a white gap
     stays).
     """
-    ring = getattr(adapter, "border_width", None)
+    ring = adapter.border_width
     return {
         "source_canvas": list(prompt.canvas),
         "source_width": prompt.width,
@@ -123,39 +123,31 @@ def load_target(
     dtype: str = "auto",
     device: str = "",
 ) -> tuple[VLMAdapter, dict[str, Any]]:
-    """Model B and a note on what was loaded.
+    """Model B and a note on what was loaded (through :func:`~davsp_lib.adapters.load_adapter`).
 
-    Embedded names (``tiny``, ``small``) load with ``canvas`` / ``border_width`` (0: the
-    defaults, 336 / 30). When an embedded model's part packages are missing
+    Embedded names (``tiny``, ``small``, ``tiny-vit``) load with ``canvas`` / ``border_width``
+    (0: the defaults, 336 / 30). When an embedded model's part packages are missing
     (:class:`~davsp_lib.embedded.weights.MissingPartError`), ``fallback`` is loaded on a
     ``fallback_canvas`` square canvas with a ``fallback_width`` ring instead, so the transfer
-    still crosses a canvas change; the note says so. Other names go to
-    :func:`~davsp_lib.adapters.load_adapter` (``canvas`` sets Qwen2-VL's input size).
+    still crosses a canvas change; the note says so. For other names ``canvas`` sets
+    Qwen2-VL's input size.
     """
-    from davsp_lib.adapters import load_adapter
-    from davsp_lib.adapters.registry import EMBEDDED_NAMES
-    from davsp_lib.embedded.model import load_embedded
+    from davsp_lib.adapters import is_embedded, load_adapter
     from davsp_lib.embedded.weights import MissingPartError
 
+    options = {"dtype": dtype, "device_map": device or None}
     note: dict[str, Any] = {"requested": name, "fallback": False, "reason": None}
-    if name in EMBEDDED_NAMES:
+    if is_embedded(name):
         size = (canvas, canvas) if canvas else (336, 336)
         width = border_width or round(30 * min(size) / 336)
         try:
-            adapter = load_embedded(
-                name, image_size=size, border_width=width, device=device or "cpu"
-            )
+            adapter = load_adapter(name, image_size=size, border_width=width, **options)
         except MissingPartError as error:
             size, width = (fallback_canvas, fallback_canvas), fallback_width
-            adapter = load_embedded(
-                fallback, image_size=size, border_width=width, device=device or "cpu"
-            )
+            adapter = load_adapter(fallback, image_size=size, border_width=width, **options)
             note |= {"fallback": True, "reason": str(error)}
     else:
-        adapter = load_adapter(
-            name, dtype=dtype, device_map=device or None,
-            image_size=(canvas, canvas) if canvas else None,
-        )  # fmt: skip
+        adapter = load_adapter(name, image_size=(canvas, canvas) if canvas else None, **options)
     note["loaded"] = adapter.info()["model_id"]
     note["canvas"] = list(adapter.image_size)
     return adapter, note

@@ -42,10 +42,10 @@ from davsp_lib.records import Record
 from davsp_lib.training import (
     CHECKPOINT_NAME,
     TrainingDiverged,
-    _draws,
-    _load_checkpoint,
-    _save_checkpoint,
     answer_loss,
+    load_checkpoint,
+    save_checkpoint,
+    seeded_draws,
 )
 from davsp_lib.vsp import VisualSafetyPrompt
 
@@ -139,15 +139,15 @@ def train_uniguard(
     canvases = torch.stack([canvas_for(adapter, r) for r in images])
     fingerprint = _fingerprint(config, adapter, images, corpus)
     count = config.steps * config.batch_size
-    image_draws = _draws(len(images), count, config.seed, 1)
-    text_draws = _draws(len(corpus), count, config.seed, 2)
+    image_draws = seeded_draws(len(images), count, config.seed, 1)
+    text_draws = seeded_draws(len(corpus), count, config.seed, 2)
 
     delta = initial_noise(adapter.image_size, config.epsilon, config.seed).to(adapter.device)
     history: list[dict[str, Any]] = []
     start = 0
     checkpoint = out_dir / CHECKPOINT_NAME
     if checkpoint.is_file():
-        tensors, state = _load_checkpoint(checkpoint)
+        tensors, state = load_checkpoint(checkpoint)
         if state.get("fingerprint") != fingerprint:
             raise DataError(checkpoint, "checkpoint belongs to a different UniGuard run")
         delta = tensors["delta"].to(adapter.device)
@@ -157,7 +157,7 @@ def train_uniguard(
     def save(step: int) -> None:
         state = {"fingerprint": fingerprint, "step": step, "history": history,
                  "config": config.to_json(), "variant": VARIANT}  # fmt: skip
-        _save_checkpoint(checkpoint, delta, None, state, {})
+        save_checkpoint(checkpoint, delta, None, state, {})
 
     last = min(config.steps, stop_after if stop_after is not None else config.steps)
     began = time.perf_counter()

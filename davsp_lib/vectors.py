@@ -464,11 +464,6 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def load_vector(path: str | Path, adapter: VLMAdapter | None = None) -> HarmfulnessVector:
-    """Alias of :meth:`HarmfulnessVector.load`."""
-    return HarmfulnessVector.load(path, adapter)
-
-
 def fit_vector(acts: Activations, metadata: Mapping[str, Any] | None = None) -> HarmfulnessVector:
     """Means per class and ``v_l = unit(mean_mal - mean_ben)`` at every extracted layer.
 

@@ -48,7 +48,7 @@ class VSPMismatchError(ValueError):
 
 def default_width(adapter: VLMAdapter) -> int:
     """The adapter's own ring width if it has one (embedded model), else DAVSP's 30 px."""
-    return int(getattr(adapter, "border_width", 30))
+    return 30 if adapter.border_width is None else int(adapter.border_width)
 
 
 def placer_for(prompt: VisualSafetyPrompt | None, adapter: VLMAdapter):
@@ -148,12 +148,6 @@ class VisualSafetyPrompt:
             width = default_width(adapter) if width is None else width
             return cls(border_start(adapter, start), "border", width, None, {}, clamp, start)
         return cls.zero_noise(adapter.image_size, epsilon)
-
-    def blank_like(self) -> VisualSafetyPrompt:
-        """The untrained prompt of the same kind and geometry (composition is the identity)."""
-        if self.kind == "border":
-            return VisualSafetyPrompt.blank(self.canvas, self.width)
-        return VisualSafetyPrompt.zero_noise(self.canvas, float(self.epsilon or 0))
 
     # -- geometry ------------------------------------------------------------------------------
     @property

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     ctx = distributed.dist_context()
     from davsp_lib.evaluation import make_defense
-    from davsp_lib.vectors import load_vector
+    from davsp_lib.vectors import HarmfulnessVector
 
     root = args.data_root or None
     records = _records(args.data, root, args.limit, args.seed)
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     defense = make_defense(
         args.defense, training_dir=args.training_dir or None, adapter=adapter, root=root
     )
-    vector = load_vector(args.vector, adapter) if args.vector else None
+    vector = HarmfulnessVector.load(args.vector, adapter) if args.vector else None
     loaded = time.perf_counter()
     ctx.barrier()  # time the generation from a common start
     begin = time.perf_counter()

@@ -64,9 +64,9 @@ def test_missing_image_is_a_clear_error(tmp_path, capsys):
 
 
 def test_run_parameters_are_parsed_like_papermills_and_model_is_a_shorthand():
-    from davsp_lib.cli import _parser, overrides
+    from davsp_lib.cli import build_parser, overrides
 
-    args = _parser().parse_args(
+    args = build_parser().parse_args(
         [
             "run",
             "--preset",

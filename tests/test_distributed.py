@@ -122,7 +122,7 @@ def test_two_ranks_give_the_bytes_of_one_process(llava, records, tmp_path):
     expected = extract(llava, records, LAYERS, batch_size=3, progress=False, **options)
 
     def run(batch, path):
-        D._save_activations(path, extract(llava, batch, LAYERS, batch_size=len(batch),
+        D.save_activations(path, extract(llava, batch, LAYERS, batch_size=len(batch),
                                           progress=False, **options))  # fmt: skip
 
     one, two = tmp_path / "one", tmp_path / "two"
@@ -149,7 +149,7 @@ def test_sharded_extract_resumes_with_another_world_size(llava, records, tmp_pat
 
     def run(batch, path):
         redone.append([r.id for r in batch])
-        D._save_activations(path, extract(llava, batch, LAYERS, batch_size=len(batch),
+        D.save_activations(path, extract(llava, batch, LAYERS, batch_size=len(batch),
                                           progress=False))  # fmt: skip
 
     spans = D.batch_spans(records, 2, blank_image=False)

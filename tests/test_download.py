@@ -292,11 +292,11 @@ def test_manifest_rejects_duplicates_and_bad_hashes() -> None:
 
 def test_hf_token_only_sent_to_the_hub(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_TOKEN", "secret")
-    hub = dl._request("https://huggingface.co/datasets/x/y/resolve/main/a.json", True)
+    hub = dl.build_request("https://huggingface.co/datasets/x/y/resolve/main/a.json", True)
     assert hub.unredirected_hdrs.get("Authorization") == "Bearer secret"
     assert "Authorization" not in hub.headers  # not forwarded to the CDN on redirect
-    assert not dl._request("https://raw.githubusercontent.com/x/y/z", True).unredirected_hdrs
-    assert not dl._request("https://huggingface.co/x", False).unredirected_hdrs
+    assert not dl.build_request("https://raw.githubusercontent.com/x/y/z", True).unredirected_hdrs
+    assert not dl.build_request("https://huggingface.co/x", False).unredirected_hdrs
 
 
 def test_cli_download_and_verify(

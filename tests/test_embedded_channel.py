@@ -102,6 +102,11 @@ def test_structure(adapter):
     assert adapter.module("vision_tower") is adapter.vit
     assert adapter.module("projector") is adapter.connector
     assert adapter.info()["visual_tokens"] == 144
+    assert adapter.border_token_indices() == ring
+    assert adapter.info()["preprocessing"]["image_tokens"].startswith(
+        "144 visual tokens (12 x 12 cells, raster order), then the reading path's text"
+    )
+    assert adapter.info()["preprocessing"]["ring"] == 30
 
 
 def test_visual_tokens_sit_where_llava_puts_the_image(adapter, canvas):

@@ -93,7 +93,7 @@ def test_a_border_that_says_something_writes_those_characters(adapter):
     ImageDraw.Draw(strip).text((4, 2), "SAFE SAFE SAFE", fill=0, font_size=24)
     canvas[:, :30, :] = to_tensor(strip.convert("RGB"))
     slots = adapter.border_embeddings(canvas)[:4].sum(0)  # the top side's slots
-    chars = adapter._char_embeddings
+    chars = adapter.char_embeddings
     index = {c: i for i, c in enumerate("0123456789")}  # digits: unrelated characters
     letters = chars[[adapter_char("S"), adapter_char("A"), adapter_char("F"), adapter_char("E")]]
     digits = chars[list(index.values())]
@@ -257,3 +257,31 @@ def test_without_the_default_system_turn_the_prompt_starts_at_the_user_turn(adap
     assert slots_without == [s - len(system) for s in slots]
     assert adapter.tokenizer.decode(own_system).startswith("<|im_start|>system\nBe brief.")
     assert info["system_turn"] is False and "system_turn" not in adapter.info()
+    assert info["preprocessing"]["system_prompt"] is None
+
+
+QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+INNER_RESIZE = "padded to a square, then resized bilinearly (antialiased) into the inner window"
+
+
+def test_info_reports_the_preprocessing_spec(adapter):
+    from davsp_lib.embedded.model import READING_TEXT
+
+    assert adapter.info()["preprocessing"] == {
+        "pad_fill": 1.0,
+        "resize": INNER_RESIZE,
+        "canvas": "fixed",
+        "ring": 30,
+        "system_prompt": QWEN_SYSTEM,
+        "image_tokens": "16 border slots (4 per side of the ring), then the reading path's "
+        f"text ({READING_TEXT}), first in the user turn, then a newline",
+    }
+    # the declared system prompt is the one the template inserts
+    text = adapter.tokenizer.decode(adapter.prompt_ids(short("Hi"), "hello")[0])
+    assert text.startswith(f"<|im_start|>system\n{QWEN_SYSTEM}<|im_end|>")
+
+
+def test_capabilities_of_the_embedded_model(adapter):
+    assert adapter.perceives_text is True and adapter.lm is adapter.model.lm
+    assert adapter.border_token_indices() == list(range(16))
+    assert adapter.border_width == 30

@@ -74,7 +74,7 @@ def test_candidates_change_one_allowed_token_each():
 def test_special_and_added_tokens_are_never_candidates(setup):
     adapter, _ = setup
     vocab = pat.embedding_layer(adapter).weight.shape[0]
-    banned = pat._disallowed(adapter.tokenizer, vocab)
+    banned = pat.disallowed_tokens(adapter.tokenizer, vocab)
     added = [i for i in adapter.tokenizer.added_tokens_decoder if i < vocab]
     assert added and banned[added].all()
     (exclamation,) = adapter.tokenizer("!", add_special_tokens=False)["input_ids"]
@@ -105,7 +105,7 @@ def test_training_keeps_a_valid_control_and_records_both_players(setup, tmp_path
     assert control.ids.shape == (4,)
     assert control.text == pat.decode(adapter, control.ids.tolist())
     assert pat.round_trips(adapter, control.ids.tolist())
-    banned = pat._disallowed(adapter.tokenizer, pat.embedding_layer(adapter).weight.shape[0])
+    banned = pat.disallowed_tokens(adapter.tokenizer, pat.embedding_layer(adapter).weight.shape[0])
     assert not banned[control.ids].any()
     assert [h["step"] for h in result.history] == [1, 2]
     assert all(h["attack_loss"] is not None and h["loss"] < float("inf") for h in result.history)

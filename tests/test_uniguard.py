@@ -9,7 +9,7 @@ from davsp_lib import uniguard
 from davsp_lib.adapters.tiny import build_tiny_llava
 from davsp_lib.inputs import canvas_for
 from davsp_lib.records import Label, Record, RenderSpec
-from davsp_lib.training import CHECKPOINT_NAME, _draws
+from davsp_lib.training import CHECKPOINT_NAME, seeded_draws
 
 
 def malicious(i: int, text: str) -> Record:
@@ -58,8 +58,8 @@ def test_one_step_ascends_the_corpus_loss_by_signed_alpha(adapter, tmp_path):
         result.prompt.kind == "additive" and result.prompt.metadata["variant"] == uniguard.VARIANT
     )
     # the step is +alpha * sign(grad of the corpus NLL), clipped to the eps ball
-    images = torch.stack([canvas_for(adapter, RECORDS[i]) for i in _draws(2, 2, 1, 1)])
-    targets = [corpus[i] for i in _draws(2, 2, 1, 2)]
+    images = torch.stack([canvas_for(adapter, RECORDS[i]) for i in seeded_draws(2, 2, 1, 1)])
+    targets = [corpus[i] for i in seeded_draws(2, 2, 1, 2)]
     delta = start.clone().requires_grad_(True)
     uniguard.corpus_loss(adapter, (images + delta).clamp(0, 1), targets).backward()
     expected = (start + config.alpha * delta.grad.sign()).clamp(-config.epsilon, config.epsilon)

@@ -20,7 +20,6 @@ from davsp_lib.vectors import (
     concat_activations,
     extract,
     fit_vector,
-    load_vector,
     parse_layers,
 )
 
@@ -115,7 +114,8 @@ def test_save_load_round_trip_is_exact(tmp_path):
         assert torch.equal(getattr(loaded, key), getattr(vector, key))
     assert loaded.layers == vector.layers and loaded.counts == vector.counts
     assert loaded.metadata == vector.metadata  # metadata is JSON-normalised at fit time
-    assert load_vector(json_path).metadata["note"] == ["a", 2]  # any suffix names the pair
+    # any suffix names the pair
+    assert HarmfulnessVector.load(json_path).metadata["note"] == ["a", 2]
     header = json.loads(json_path.read_text())
     assert header["model_id"] == "toy" and header["hidden_size"] == 2
 

@@ -1,16 +1,26 @@
 """Model adapters: one interface over LLaVA-1.5, Qwen2-VL and the embedded default."""
 
-from davsp_lib.adapters.base import EncodedBatch, VLMAdapter, check_pixels
+from davsp_lib.adapters.base import EncodedBatch, PreprocessingSpec, VLMAdapter, check_pixels
 from davsp_lib.adapters.hooks import capture_hidden
-from davsp_lib.adapters.registry import ADAPTERS, adapter_for, load_adapter, supported
+from davsp_lib.adapters.registry import (
+    REGISTRY,
+    Architecture,
+    adapter_for,
+    is_embedded,
+    load_adapter,
+    supported,
+)
 
 __all__ = [
-    "ADAPTERS",
+    "REGISTRY",
+    "Architecture",
     "EncodedBatch",
+    "PreprocessingSpec",
     "VLMAdapter",
     "adapter_for",
     "capture_hidden",
     "check_pixels",
+    "is_embedded",
     "load_adapter",
     "supported",
 ]

@@ -7,10 +7,12 @@ torch, so gradients flow back to the pixels (and so to a border drawn on them).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -22,6 +24,31 @@ from davsp_lib.conversation import Conversation
 from davsp_lib.errors import UnsupportedModelError
 
 IGNORE_INDEX = -100
+#: how :meth:`VLMAdapter.prepare_image` puts a user image on the canvas by default
+PAD_AND_RESIZE = "padded to a square, then resized bilinearly (antialiased) onto the canvas"
+
+
+@dataclass(frozen=True)
+class PreprocessingSpec:
+    """How one user image and one conversation become a model's input, declared by each
+    adapter and recorded by :meth:`VLMAdapter.info` (key ``preprocessing``)."""
+
+    #: grey level in [0, 1] that pads an image to a square (1.0: white, as the DAVSP reference)
+    pad_fill: float
+    #: how the padded square reaches the canvas
+    resize: str
+    #: ``"fixed"``: one canvas (``image_size``) for every image; ``"native:SIDE"`` (Qwen2-VL):
+    #: the processor's own size for a SIDE x SIDE image, then fixed for the run
+    canvas: str
+    #: pixels of white ring kept around the image for the model's own border input (0: none)
+    ring: int
+    #: the system prompt when a conversation sets none (None: no system turn)
+    system_prompt: str | None
+    #: where the image's tokens go in the prompt, and how many
+    image_tokens: str
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -37,10 +64,6 @@ class EncodedBatch:
     last_input_index: torch.Tensor
     labels: torch.Tensor | None = None
     prompt_lengths: list[int] = field(default_factory=list)
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.last_input_index.shape[0])
 
 
 def check_pixels(images: torch.Tensor, expected_channels: int = 3, *, bounded: bool = True) -> None:
@@ -90,11 +113,30 @@ class VLMAdapter(ABC):
     ``language_model`` (the decoder stack: embeddings in, final norm out), ``language_layers``
     (its blocks), ``vision_tower``, ``projector``, ``lm_head``) and implement
     :meth:`encode` and :meth:`normalize`. Everything else here is shared.
+
+    Capabilities only some models have are part of the contract too, with neutral defaults
+    that the models having them override (callers never probe with ``hasattr``):
+    :attr:`border_width` (a ring the model reads as its own border input), :attr:`lm` (a bare
+    causal LM that can judge text alone), :meth:`perceive` / :attr:`perceives_text` (a vision
+    front end whose input decodes to text) and :meth:`shared_border` (reading one shared
+    border once per batch).
     """
 
     architecture: ClassVar[str] = "abstract"
     tokenizer: Any  # set by each adapter: a Hugging Face tokenizer
     sites: ClassVar[Mapping[str, Sequence[str]]] = {}
+
+    #: width in pixels of the ring the model reads as its border input (the embedded model);
+    #: None: no such ring, a border is then DAVSP's 30 px (:func:`davsp_lib.vsp.default_width`)
+    border_width: int | None = None
+    #: a bare causal language model (ids or embeddings in, logits out) that can judge text on
+    #: its own (the embedded model's); None for a composite Hugging Face VLM
+    lm: nn.Module | None = None
+    #: True when :meth:`perceive` decodes what the vision front end sees (the embedded model's
+    #: reader); False for a vision tower whose output is embeddings, not text
+    perceives_text: ClassVar[bool] = False
+    #: grey level that pads a user image to a square (:meth:`prepare_image`)
+    pad_fill: ClassVar[float] = 1.0
 
     def __init__(self, model: nn.Module, *, model_id: str, image_size: tuple[int, int]):
         self.model = model
@@ -148,7 +190,14 @@ class VLMAdapter(ABC):
             "hidden_size": self.hidden_size,
             "image_size": list(self.image_size),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "preprocessing": self.preprocessing.to_json(),
         }
+
+    @property
+    @abstractmethod
+    def preprocessing(self) -> PreprocessingSpec:
+        """This model's input convention (pad colour, resize, canvas, system prompt, image
+        tokens): what a result made with it must record."""
 
     # -- inputs --------------------------------------------------------------------------------
     @abstractmethod
@@ -158,12 +207,15 @@ class VLMAdapter(ABC):
     def prepare_image(self, image: torch.Tensor) -> torch.Tensor:
         """Put one user image ``[3, h, w]`` in [0, 1] on this model's canvas ``[3, H, W]``.
 
-        The default pads to a square with white (as the DAVSP reference does) and resizes to
-        ``image_size``; adapters with a different convention override it.
+        The default pads to a square with :attr:`pad_fill` (white, as the DAVSP reference does)
+        and resizes to ``image_size``; adapters with a different convention override it.
         """
         check_pixels(image[None])
         return nn.functional.interpolate(
-            pad_to_square(image)[None], size=self.image_size, mode="bilinear", antialias=True
+            pad_to_square(image, self.pad_fill)[None],
+            size=self.image_size,
+            mode="bilinear",
+            antialias=True,
         )[0].clamp(0, 1)
 
     #: False once a border that may leave [0, 1] is used (:meth:`accept_unbounded_pixels`)
@@ -192,6 +244,20 @@ class VLMAdapter(ABC):
         answers: Sequence[str] | None = None,
     ) -> EncodedBatch:
         """Build a left-padded batch; ``images`` is None for a text-only batch."""
+
+    def perceive(self, images: torch.Tensor) -> list[str]:
+        """What the vision front end perceives in each canvas, as text.
+
+        Empty strings unless :attr:`perceives_text` (a VLM's vision tower yields embeddings,
+        not text: ask the model with :meth:`generate` instead).
+        """
+        return [""] * int(images.shape[0])
+
+    @contextlib.contextmanager
+    def shared_border(self) -> Iterator[None]:
+        """Within this context every row of a batch carries the same border, so a model that
+        reads the border per row may read it once (the embedded model does). Default: no-op."""
+        yield
 
     # -- running -------------------------------------------------------------------------------
     def forward(self, batch: EncodedBatch, **kwargs: Any) -> Any:

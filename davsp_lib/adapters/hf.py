@@ -15,7 +15,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from davsp_lib.adapters.base import EncodedBatch, VLMAdapter, assemble_tokens, check_batch
+from davsp_lib.adapters.base import (
+    PAD_AND_RESIZE,
+    EncodedBatch,
+    PreprocessingSpec,
+    VLMAdapter,
+    assemble_tokens,
+    check_batch,
+)
 from davsp_lib.conversation import Conversation
 
 
@@ -29,6 +36,10 @@ class HFVisionLanguageAdapter(VLMAdapter):
     prefix_separator: ClassVar[str] = ""
     #: system prompt used when a conversation sets none (the model's own default)
     default_system_prompt: ClassVar[str | None] = None
+    #: where the image's ``{n}`` tokens go in the prompt (:attr:`preprocessing`)
+    image_placement: ClassVar[str] = "{n} image tokens"
+    #: ``"fixed"``, or the ``"native:..."`` option the canvas was derived from (Qwen2-VL)
+    canvas: str = "fixed"
 
     def __init__(self, model, processor, *, model_id: str, image_size: tuple[int, int]):
         super().__init__(model, model_id=model_id, image_size=image_size)
@@ -43,6 +54,17 @@ class HFVisionLanguageAdapter(VLMAdapter):
     def hidden_size(self) -> int:
         config = self.model.config
         return int(getattr(config, "text_config", config).hidden_size)
+
+    @property
+    def preprocessing(self) -> PreprocessingSpec:
+        return PreprocessingSpec(
+            pad_fill=self.pad_fill,
+            resize=PAD_AND_RESIZE,
+            canvas=self.canvas,
+            ring=0,
+            system_prompt=self.default_system_prompt,
+            image_tokens=self.image_placement.format(n=self.image_token_count),
+        )
 
     @property
     def image_token(self) -> str:

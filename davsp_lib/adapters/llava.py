@@ -38,6 +38,23 @@ class LlavaAdapter(HFVisionLanguageAdapter):
     )
 
     default_system_prompt = LLAVA_V1_SYSTEM
+    image_placement = "{n} image tokens first in the user turn, then a newline"
+
+    def __init__(
+        self,
+        model,
+        processor,
+        *,
+        model_id: str,
+        image_size: tuple[int, int] | str | None = None,
+    ):
+        """LLaVA-1.5 takes its CLIP size only: ``image_size``, if given, must be that size."""
+        size = self.default_image_size(processor)
+        if image_size is not None and tuple(image_size) != size:
+            raise ValueError(
+                f"{model_id}: LLaVA-1.5 takes {size} images (its CLIP size), not {image_size}"
+            )
+        super().__init__(model, processor, model_id=model_id, image_size=size)
 
     def prompt_text(self, conversation: Conversation) -> str:
         """The ``llava_v1`` prompt, built as the reference's ``conv.get_prompt()`` builds it.

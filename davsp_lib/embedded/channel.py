@@ -138,6 +138,10 @@ class VisionEmbeddedAdapter(EmbeddedAdapter):
     def info(self) -> dict[str, Any]:
         return {**super().info(), "vision": "vit", "visual_tokens": self.num_slots}
 
+    def image_tokens(self) -> str:
+        rows, cols = self.grid
+        return f"{self.num_slots} visual tokens ({rows} x {cols} cells, raster order)"
+
     def visual_tokens(self, canvases: torch.Tensor) -> torch.Tensor:
         """``[B, 144, D]`` visual tokens of whole canvases (differentiable in the pixels)."""
         grid = patch_grid(self.vit, canvases.to(next(self.vit.parameters()).dtype))
@@ -155,6 +159,10 @@ class VisionEmbeddedAdapter(EmbeddedAdapter):
         for row, where in enumerate(positions):
             out[row, where] = tokens[row]
         return out
+
+    def border_token_indices(self) -> list[int]:
+        """The visual tokens placed on the ring (:meth:`ring_cells`)."""
+        return self.ring_cells()
 
     def ring_cells(self) -> list[int]:
         """Indices (raster order) of the visual tokens whose merged cell is centred on the ring.

@@ -30,7 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from davsp_lib.adapters.base import EncodedBatch, VLMAdapter, assemble_tokens, check_batch
+from davsp_lib.adapters.base import (
+    EncodedBatch,
+    PreprocessingSpec,
+    VLMAdapter,
+    assemble_tokens,
+    check_batch,
+    check_pixels,
+    pad_to_square,
+)
 from davsp_lib.conversation import Conversation
 from davsp_lib.embedded.reader import (
     BLANK,
@@ -51,6 +59,8 @@ IMAGE_TEXT_TEMPLATE = "The image shows this text: «{text}»"
 DEFAULT_DTYPE = torch.bfloat16
 LM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NO_TEXT = "The image shows no readable text."
+#: the reading path's text as :attr:`EmbeddedAdapter.preprocessing` describes it
+READING_TEXT = f"{IMAGE_TEXT_TEMPLATE!r}, or {NO_TEXT!r}"
 
 
 class EmbeddedVLM(nn.Module):
@@ -85,6 +95,7 @@ class EmbeddedAdapter(VLMAdapter):
     """The embedded default behind the common adapter interface."""
 
     architecture = "davsp-embedded"
+    perceives_text = True
     sites: ClassVar = {
         "language_model": ("lm.model",),
         "language_layers": ("lm.model.layers",),
@@ -112,7 +123,7 @@ class EmbeddedAdapter(VLMAdapter):
         lm.requires_grad_(False)
         reader.model.requires_grad_(False)
         super().__init__(EmbeddedVLM(lm, reader), model_id=model_id, image_size=image_size)
-        self.lm = lm
+        self.lm: nn.Module = lm
         self.tokenizer = tokenizer
         self.reader = reader
         self.border_width = int(border_width)
@@ -137,6 +148,39 @@ class EmbeddedAdapter(VLMAdapter):
     def num_slots(self) -> int:
         return 4 * self.slots_per_side
 
+    def border_token_indices(self) -> list[int]:
+        """Indices, within the image block, of the tokens the border owns: all the slots."""
+        return list(range(self.num_slots))
+
+    @property
+    def preprocessing(self) -> PreprocessingSpec:
+        return PreprocessingSpec(
+            pad_fill=self.pad_fill,
+            resize="padded to a square, then resized bilinearly (antialiased) into the inner "
+            "window",
+            canvas="fixed",
+            ring=self.border_width,
+            system_prompt=self.template_system_prompt if self.system_turn else None,
+            image_tokens=f"{self.image_tokens()}, then the reading path's text "
+            f"({READING_TEXT}), first in the user turn, then a newline",
+        )
+
+    def image_tokens(self) -> str:
+        """What the image's own tokens are (:attr:`preprocessing`)."""
+        return f"{self.num_slots} border slots ({self.slots_per_side} per side of the ring)"
+
+    @functools.cached_property
+    def template_system_prompt(self) -> str | None:
+        """The system prompt the chat template adds when a conversation sets none."""
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "x"}], add_generation_prompt=False, tokenize=False
+        )
+        head = text[: text.index("<|im_start|>user")]
+        prefix = "<|im_start|>system\n"
+        if not head.startswith(prefix):
+            return None
+        return head[len(prefix) :].removesuffix("\n").removesuffix("<|im_end|>")
+
     def info(self) -> dict[str, Any]:
         return {
             **super().info(),
@@ -147,7 +191,7 @@ class EmbeddedAdapter(VLMAdapter):
         }
 
     @functools.cached_property
-    def _char_embeddings(self) -> torch.Tensor:
+    def char_embeddings(self) -> torch.Tensor:
         """``[96, D]``: the language model's embedding of each CRNN character (one token each)."""
         ids = []
         for char in CHARACTERS:
@@ -161,13 +205,11 @@ class EmbeddedAdapter(VLMAdapter):
 
     def prepare_image(self, image: torch.Tensor) -> torch.Tensor:
         """White-pad to square, resize into the inner window; the ring stays white (blank)."""
-        from davsp_lib.adapters.base import check_pixels, pad_to_square
-
         check_pixels(image[None])
         p = self.border_width
         height, width = self.image_size
         inner = F.interpolate(
-            pad_to_square(image)[None], size=(height - 2 * p, width - 2 * p),
+            pad_to_square(image, self.pad_fill)[None], size=(height - 2 * p, width - 2 * p),
             mode="bilinear", antialias=True,
         )[0].clamp(0, 1)  # fmt: skip
         canvas = torch.ones(3, height, width, dtype=inner.dtype, device=inner.device)
@@ -230,7 +272,7 @@ class EmbeddedAdapter(VLMAdapter):
             if all(torch.equal(first, c.detach()[:, ring]) for c in canvases[1:]):
                 return self.border_embeddings_batch(canvases[:1]).expand(len(canvases), -1, -1)
         sides = [ring_strips(canvas, self.border_width) for canvas in canvases]  # B x 4
-        chars = self._char_embeddings.to(canvases.dtype)
+        chars = self.char_embeddings.to(canvases.dtype)
         probs: dict[tuple[int, int], torch.Tensor] = {}
         for group in ((0, 1), (2, 3)):  # equal lengths within a group
             strips = [sides[b][s] for b in range(len(sides)) for s in group]
@@ -382,8 +424,6 @@ def load_embedded(
     ViT-S/14 and a trained connector (:mod:`davsp_lib.embedded.channel`; ``connector`` is its
     safetensors file, by default the one shipped in ``data/embedded/`` for ``tiny``).
     """
-    if name.endswith("-vit"):  # "tiny-vit": the same model with the ViT channel
-        name, vision = name.removesuffix("-vit"), "vit"
     if vision not in ("ocr", "vit"):
         raise ValueError(f"vision must be 'ocr' or 'vit', not {vision!r}")
     if dtype not in LM_DTYPES:

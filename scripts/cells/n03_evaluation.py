@@ -225,7 +225,7 @@ pictures, titles = [], []
 for defense in [d for d in chosen if d.name == "none" or d.vsp is not None]:
     canvas = defense.apply(defense.placer(adapter)(raw)[None])
     pictures.append(to_pil(canvas[0]))
-    seen = adapter.perceive(canvas)[0] if hasattr(adapter, "perceive") else ""
+    seen = adapter.perceive(canvas)[0]  # empty unless the model's visual input is text
     titles.append(f"{defense.name}\\n{seen[:48]}")
 if pictures:
     fig = plots.image_grid(pictures, titles, ncols=min(4, len(pictures)),

@@ -196,7 +196,7 @@ if a_rows:
     for name in a_rows:
         evaluate("A", adapter_a, own if name == "davsp" else evaluation.make_defense("none"))
     example_a = border.compose(to_tensor(record_image(next(r for r in records if r.is_malicious))))
-    seen_a = adapter_a.perceive(example_a[None])[0] if hasattr(adapter_a, "perceive") else None
+    seen_a = adapter_a.perceive(example_a[None])[0]  # empty unless its visual input is text
     del adapter_a
     gc.collect()
 print({k: f"{v} s" for k, v in seconds.items()})
@@ -240,7 +240,7 @@ models the title shows what the reader perceives in the inner window.
     ("code", """
 raw = to_tensor(record_image(next(r for r in records if r.is_malicious)))
 example_b = moved.compose(raw)
-seen_b = adapter_b.perceive(example_b[None])[0] if hasattr(adapter_b, "perceive") else None
+seen_b = adapter_b.perceive(example_b[None])[0]
 
 
 def to_pil(canvas):
