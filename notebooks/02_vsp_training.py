@@ -1,43 +1,49 @@
-"""Cells of notebook 02_vsp_training (see scripts/make_notebooks.py)."""
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-# fmt: off
-CELLS = [
-    ("md", """
-# 02 · Training the Visual Safety Prompt with Deep Alignment
+# %% [markdown]
+# # 02 · Training the Visual Safety Prompt with Deep Alignment
+#
+# The model stays frozen; only a border of width `p` around every input image trains. The user
+# image is padded to a square (white) and resized into the inner window; the border replaces the
+# ring around it (image pixels are never perturbed). The border lives in pixel space; it starts
+# white, black or at the model's normalisation mean (`border_start`; the reference: the mean,
+# i.e. zeros in normalised space) and is clamped to [0, 1] after every step or not
+# (`border_clamp`; the reference never clamps). The model's own normalisation is applied after
+# composition.
+#
+# Loss per step (one forward serves both terms):
+#
+# - **Deep Alignment** — the hinge on the projection `s = v_l · h_l` of the last input token onto
+#   the harmfulness vector from notebook 01: malicious inputs above `mu_plus`, benign below
+#   `mu_minus`;
+# - **output loss** — `lam` × cross-entropy of the benign reference answers (where a dataset has
+#   none: the model's own undefended answers), so benign behaviour is kept; with probability
+#   `malicious_output_p` (reference 0.05, drawn in the seeded batch plan) a malicious batch also
+#   gets it, on a refusal target. `answer_eos=False` leaves the end-of-sequence token out of the
+#   targets, as the reference does; MM-Vet's `<AND>`/`<OR>` scoring markers never reach a target.
+#
+# A step that needs only the projection stops the forward at layer `l`. The same code trains the
+# ablations and the UniGuard baseline that notebook 03 compares: `da_noise` (DA with additive noise
+# over the whole image, no padding), `vsp_output` (border with the output loss only: a refusal on
+# malicious inputs, the reference answer on benign ones) and `uniguard` (ε-bounded additive noise
+# trained to make the model refuse malicious inputs). Two more baselines of the paper's table train
+# in their own modules: `esiii` (`davsp_lib.esiii`: a defensive image optimised from a blank start
+# so that the model describes it as a corpus of security instructions; at inference it is fused with
+# the user image and a text instruction goes with the query) and `pat` (`davsp_lib.pat`: Prompt
+# Adversarial Tuning, a token prefix tuned by GCG against a GCG attacker). `adashield_a`
+# (`davsp_lib.adashield`) trains nothing: it embeds the MM-SafetyBench TYPO records of the training
+# data (all-MiniLM-L6-v2 in place of CLIP) as AdaShield-A's retrieval pool, one defense prompt per
+# scenario; it needs such records (`pools`), and asking for it without them is an error.
 
-The model stays frozen; only a border of width `p` around every input image trains. The user
-image is padded to a square (white) and resized into the inner window; the border replaces the
-ring around it (image pixels are never perturbed). The border lives in pixel space; it starts
-white, black or at the model's normalisation mean (`border_start`; the reference: the mean,
-i.e. zeros in normalised space) and is clamped to [0, 1] after every step or not
-(`border_clamp`; the reference never clamps). The model's own normalisation is applied after
-composition.
-
-Loss per step (one forward serves both terms):
-
-- **Deep Alignment** — the hinge on the projection `s = v_l · h_l` of the last input token onto
-  the harmfulness vector from notebook 01: malicious inputs above `mu_plus`, benign below
-  `mu_minus`;
-- **output loss** — `lam` × cross-entropy of the benign reference answers (where a dataset has
-  none: the model's own undefended answers), so benign behaviour is kept; with probability
-  `malicious_output_p` (reference 0.05, drawn in the seeded batch plan) a malicious batch also
-  gets it, on a refusal target. `answer_eos=False` leaves the end-of-sequence token out of the
-  targets, as the reference does; MM-Vet's `<AND>`/`<OR>` scoring markers never reach a target.
-
-A step that needs only the projection stops the forward at layer `l`. The same code trains the
-ablations and the UniGuard baseline that notebook 03 compares: `da_noise` (DA with additive noise
-over the whole image, no padding), `vsp_output` (border with the output loss only: a refusal on
-malicious inputs, the reference answer on benign ones) and `uniguard` (ε-bounded additive noise
-trained to make the model refuse malicious inputs). Two more baselines of the paper's table train
-in their own modules: `esiii` (`davsp_lib.esiii`: a defensive image optimised from a blank start
-so that the model describes it as a corpus of security instructions; at inference it is fused with
-the user image and a text instruction goes with the query) and `pat` (`davsp_lib.pat`: Prompt
-Adversarial Tuning, a token prefix tuned by GCG against a GCG attacker). `adashield_a`
-(`davsp_lib.adashield`) trains nothing: it embeds the MM-SafetyBench TYPO records of the training
-data (all-MiniLM-L6-v2 in place of CLIP) as AdaShield-A's retrieval pool, one defense prompt per
-scenario; it needs such records (`pools`), and asking for it without them is an error.
-"""),
-    ("parameters", """
+# %% tags=["parameters"]
 # Parameters (papermill)
 model: str = "tiny"  # "tiny"/"small" (embedded default) or a LLaVA-1.5 / Qwen2-VL id or folder
 dtype: str = "auto"  # model dtype: auto, float32, bfloat16, float16. auto: a bfloat16 LM
@@ -87,8 +93,8 @@ snapshots: int = 4  # border snapshots shown along the run
 seed: int = 0
 output_dir: str = "runs/interactive/02_vsp_training"  # <variant>.safetensors/.json + checkpoints
 figures_dir: str = "figures/02_vsp_training"  # PNG + SVG
-"""),
-    ("code", """
+
+# %%
 import time
 from collections import Counter
 from pathlib import Path
@@ -160,8 +166,8 @@ parameters = dict(
     pat_control_len=pat_control_len, pat_candidates=pat_candidates, pat_topk=pat_topk,
     pat_batch_size=pat_batch_size,
 )
-"""),
-    ("code", """
+
+# %%
 adapter = load_adapter(model, dtype=dtype, device_map=device or None)
 vector = vectors.HarmfulnessVector.load(vector_path, adapter=adapter)
 found = vector.metadata.get("diagnostics", {})
@@ -185,8 +191,8 @@ other = found.get("data_choice" if layer_choice == "reference" else "reference_c
 print(f"{model_id}: {layer_choice} choice: layer {layer}, margins mu+ {mu_plus:.4g} / "
       f"mu- {mu_minus:.4g} (the other choice: {other}), "
       f"canvas {adapter.image_size}, border {width} px")
-"""),
-    ("code", """
+
+# %%
 mirror_root = nb.mirror_root(use_mirror, data_root)
 vector_ids = [i for ids in vector.metadata.get("data_ids", {}).values() for i in ids]
 pool_info = None
@@ -218,19 +224,19 @@ if adashield.VARIANT in variants:
     print(f"note: AdaShield-A pool anchors: the {len(anchors)} MM-SafetyBench TYPO records of "
           f"the training data ({data.source}), per scenario "
           f"{dict(sorted(Counter(r.category for r in anchors).items()))}")
-"""),
-    ("md", """
-## Training
 
-Each variant trains into `output_dir/<variant>/` (checkpoints; rerunning the notebook resumes
-from the last one and ends with the same border) and is saved as `<variant>.safetensors` +
-`<variant>.json` for notebook 03 (ESIII: its defensive image and text instruction; PAT: the
-tuned control's token ids and text; AdaShield-A: the anchors' retrieval keys, its prompts per
-scenario and the anchor ids, which notebook 03 then leaves out of evaluation). The benign
-targets of the output loss are the model's own *undefended* answers (no prompt, no border),
-generated once and cached in `answers.json`.
-"""),
-    ("code", """
+# %% [markdown]
+# ## Training
+#
+# Each variant trains into `output_dir/<variant>/` (checkpoints; rerunning the notebook resumes
+# from the last one and ends with the same border) and is saved as `<variant>.safetensors` +
+# `<variant>.json` for notebook 03 (ESIII: its defensive image and text instruction; PAT: the
+# tuned control's token ids and text; AdaShield-A: the anchors' retrieval keys, its prompts per
+# scenario and the anchor ids, which notebook 03 then leaves out of evaluation). The benign
+# targets of the output loss are the model's own *undefended* answers (no prompt, no border),
+# generated once and cached in `answers.json`.
+
+# %%
 results_by_variant, trained, texts_of, pat_run = {}, {}, {}, None
 data_ids = {"source": data.source, "ids": {"malicious": [r.id for r in data.malicious],
                                            "benign": [r.id for r in data.benign]}}
@@ -340,28 +346,28 @@ for variant in variants:
         "median_seconds_per_step": float(np.median(per_step)) if per_step else None,
     }
     print(variant, results_by_variant[variant])
-"""),
-    ("md", """
-## Curves
 
-Loss per step, and the mean projection of the step's malicious / benign batch (DA variants) with
-the margins.
-"""),
-    ("code", """
+# %% [markdown]
+# ## Curves
+#
+# Loss per step, and the mean projection of the step's malicious / benign batch (DA variants) with
+# the margins.
+
+# %%
 fig = plots.training_curves(
     {variant: run.history for variant, run in trained.items()}
     | ({"pat": pat_run.history} if pat_run is not None else {}),
     margins=(mu_plus, mu_minus), title=f"{model_id}: training (layer {layer})",
 )
 nb.save_figure(fig, figures_dir, "training_curves")
-"""),
-    ("md", """
-## The border along the run, and a composed input
 
-The border alone (inner window grey) at several steps, then what the model receives: a held-out
-malicious image in the inner window with the trained border around it.
-"""),
-    ("code", """
+# %% [markdown]
+# ## The border along the run, and a composed input
+#
+# The border alone (inner window grey) at several steps, then what the model receives: a held-out
+# malicious image in the inner window with the trained border around it.
+
+# %%
 main_variant = "davsp" if "davsp" in trained else next(v for v in variants if v in trained)
 main = trained[main_variant]
 steps_shown = sorted(main.snapshots)
@@ -378,14 +384,14 @@ fig = plots.image_grid([record_image(example), to_pil(composed)],
                        [f"user image {example.id}", f"model input with the {main_variant} border"],
                        ncols=2)
 nb.save_figure(fig, figures_dir, "composed_input")
-"""),
-    ("md", """
-## Held-out projections before and after
 
-Held-out records never seen in training, with and without each trained prompt (the text safety
-prefix in both; ESIII and PAT with their own text instead).
-"""),
-    ("code", """
+# %% [markdown]
+# ## Held-out projections before and after
+#
+# Held-out records never seen in training, with and without each trained prompt (the text safety
+# prefix in both; ESIII and PAT with their own text instead).
+
+# %%
 held = data.heldout_malicious + data.heldout_benign
 is_mal = np.array([r.is_malicious for r in held])
 blank = VisualSafetyPrompt.blank(adapter.image_size, width)
@@ -421,8 +427,8 @@ groups |= {f"malicious, {main_variant}": after[main_variant][is_mal],
 fig = plots.projection_histograms(groups, margins=(mu_plus, mu_minus), layer=layer,
                                   title=f"{model_id}: held-out projections before / after")
 nb.save_figure(fig, figures_dir, "projections_before_after")
-"""),
-    ("code", """
+
+# %%
 results = {
     "model": adapter.info(),
     "layer": layer,
@@ -452,5 +458,3 @@ headline = (
 nb.write_results(output_dir / "results.json", notebook="02_vsp_training", parameters=parameters,
                  results=results, headline=headline)
 print(headline)
-"""),
-]
