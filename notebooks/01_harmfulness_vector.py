@@ -89,7 +89,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from davsp_lib import datasets, diagnostics, plots, prompts, recipe, vectors
+from davsp_lib import diagnostics, plots, prompts, recipe, vectors
 from davsp_lib import notebook as nb
 from davsp_lib import pools as pools_lib
 from davsp_lib.adapters import load_adapter

@@ -95,7 +95,6 @@ output_dir: str = "runs/interactive/02_vsp_training"  # <variant>.safetensors/.j
 figures_dir: str = "figures/02_vsp_training"  # PNG + SVG
 
 # %%
-import time
 from collections import Counter
 from pathlib import Path
 

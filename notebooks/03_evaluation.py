@@ -20,7 +20,7 @@
 # | `adashield_s` | AdaShield-S static prompt, `query + prompt + query` | — |
 # | `adashield_a` | AdaShield-A: retrieved scenario prompt (> 0.7), `query + prompt + query` | — |
 # | `uniguard` | UniGuard suffix | refusal-trained noise, not UniGuard's objective (`uniguard`) |
-# | `uniguard_published` | UniGuard suffix | UniGuard's corpus-trained noise (`uniguard_published`) |
+# | `uniguard_published` | UniGuard suffix | UniGuard's corpus-trained noise, `uniguard_published` |
 # | `davsp` | DAVSP safety prefix | trained border (`<training_dir>/davsp`) |
 # | `da_only` | DAVSP safety prefix | DA-trained additive noise (`da_noise`): no border |
 # | `vsp_only` | DAVSP safety prefix | border trained with the output loss only (`vsp_output`) |
@@ -89,6 +89,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from IPython.display import display
 from PIL import Image
 
 from davsp_lib import adashield, datasets, evaluation, judges, metrics, plots, vectors

@@ -71,8 +71,9 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from IPython.display import display
 
-from davsp_lib import datasets, evaluation, judges, metrics, plots, transfer, vectors
+from davsp_lib import evaluation, judges, metrics, plots, transfer, vectors
 from davsp_lib import notebook as nb
 from davsp_lib.adapters import load_adapter
 from davsp_lib.errors import DataError

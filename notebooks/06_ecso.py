@@ -79,7 +79,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from davsp_lib import datasets, ecso, evaluation, judges, metrics, transfer, vectors
+from davsp_lib import ecso, evaluation, judges, metrics, transfer, vectors
 from davsp_lib import notebook as nb
 from davsp_lib.adapters import load_adapter
 from davsp_lib.errors import DataError
