@@ -28,6 +28,41 @@ ARTIFACTS: dict[str, str] = {
     "evaluation_dir": "03_evaluation",
 }
 
+PRESET_DIR = PROJECT_ROOT / "presets"
+
+
+def load_presets(preset_dir: Path = PRESET_DIR) -> dict[str, dict[str, dict[str, Any]]]:
+    """``presets/<name>/<NN_name>.yaml`` -> ``{name: {NN_name: {parameter: value}}}``.
+
+    Each file holds every parameter the preset gives one notebook, flat, so that
+    ``papermill -f presets/<name>/<NN_name>.yaml`` runs that notebook as ``davsp run`` does
+    (less the run-folder paths).
+    """
+    import yaml
+
+    if not preset_dir.is_dir():
+        raise FileNotFoundError(f"{preset_dir}: no preset folder")
+    presets: dict[str, dict[str, dict[str, Any]]] = {}
+    for folder in sorted(path for path in preset_dir.iterdir() if path.is_dir()):
+        files = sorted(folder.glob("*.yaml"))
+        if not files:
+            raise ValueError(f"{folder}: preset folder without notebook files (NN_name.yaml)")
+        presets[folder.name] = {}
+        for path in files:
+            try:
+                values = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except yaml.YAMLError as error:
+                raise ValueError(f"{path}: not valid YAML: {error}") from error
+            if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+                raise ValueError(
+                    f"{path}: expected a mapping of parameter names to values, got {values!r}"
+                )
+            presets[folder.name][path.stem] = values
+    if not presets:
+        raise FileNotFoundError(f"{preset_dir}: no presets (<name>/NN_name.yaml)")
+    return presets
+
+
 #: Parameter presets: ``common`` goes to every notebook that declares the parameter, then the
 #: per-notebook entries (keyed by notebook stem) override it.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {

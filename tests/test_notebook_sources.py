@@ -10,7 +10,7 @@ from davsp_lib.notebook_sources import notebook, out_of_sync, render, sources, s
 
 SOURCES = sources()
 
-SOURCE = '''# ---
+SOURCE = """# ---
 # jupyter:
 #   kernelspec:
 #     display_name: Python 3
@@ -32,7 +32,7 @@ total = steps * 2
 
 # %%
 print(total)
-'''
+"""
 
 
 @pytest.mark.parametrize("source", SOURCES, ids=[p.stem for p in SOURCES])
