@@ -61,7 +61,7 @@ def check(
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-#: parameters that several notebooks share, with their checks (see :func:`check_common`)
+#: parameters that several notebooks share, with their checks (:func:`parameters` applies them)
 COMMON_PARAMETERS: dict[str, tuple[type, dict[str, Any]]] = {
     "model": (str, {}),
     "dtype": (str, {"choices": DTYPES}),
@@ -74,13 +74,19 @@ COMMON_PARAMETERS: dict[str, tuple[type, dict[str, Any]]] = {
 }
 
 
-def check_common(**values: Any) -> None:
-    """:func:`check` each shared parameter by its usual rule (``model=model, seed=seed, ...``)."""
-    for name, value in values.items():
-        if name not in COMMON_PARAMETERS:
-            raise KeyError(f"{name!r} is not a common parameter; use check() for it")
-        kind, rules = COMMON_PARAMETERS[name]
-        check(name, value, kind, **rules)
+def at_least(minimum: float) -> dict[str, Any]:
+    """A :func:`parameters` rule: ``steps=nb.at_least(1)``."""
+    return {"minimum": minimum}
+
+
+def between(minimum: float, maximum: float) -> dict[str, Any]:
+    """A :func:`parameters` rule: ``q_plus=nb.between(0.0, 1.0)`` (both ends allowed)."""
+    return {"minimum": minimum, "maximum": maximum}
+
+
+def one_of(*choices: Any) -> dict[str, Any]:
+    """A :func:`parameters` rule: ``optimizer=nb.one_of("adam", "sign")``."""
+    return {"choices": list(choices)}
 
 
 #: cell parameters that say where a run writes, not what it computes (left out of the record)

@@ -22,7 +22,7 @@
 data_root: str = ""  # benchmark mirror; "": $DAVSP_DATA_ROOT, else ../shared/data
 use_mirror: bool = True  # False: only the built-in dataset written by the project
 examples_per_source: int = 3  # example images shown per source
-split_sizes: dict = {"vector": 24, "train": 24, "eval": 24}  # records per split, label-stratified
+split_sizes: dict[str, int] = {"vector": 24, "train": 24, "eval": 24}  # per split, label-stratified
 rerender_samples: int = 8  # FigStep images re-rendered and compared with the originals
 seed: int = 0
 output_dir: str = "runs/interactive/00_data_tour"  # results.json and splits.json go here
@@ -34,17 +34,11 @@ from pathlib import Path
 from davsp_lib import datasets, images, plots, render, splits
 from davsp_lib import notebook as nb
 
-nb.check_common(data_root=data_root, use_mirror=use_mirror, seed=seed)
-nb.check("examples_per_source", examples_per_source, int, minimum=1, maximum=12)
-nb.check("split_sizes", split_sizes, dict)
-for split_name, size in split_sizes.items():
-    nb.check(f"split_sizes[{split_name!r}]", size, int, minimum=1)
-nb.check("rerender_samples", rerender_samples, int, minimum=0)
-output_dir, figures_dir = Path(output_dir), Path(figures_dir)
-parameters = dict(
-    data_root=data_root, use_mirror=use_mirror, examples_per_source=examples_per_source,
-    split_sizes=split_sizes, rerender_samples=rerender_samples, seed=seed,
+parameters = nb.parameters(
+    globals(), __annotations__, examples_per_source=nb.between(1, 12),
+    split_sizes=nb.at_least(1), rerender_samples=nb.at_least(0),
 )
+output_dir, figures_dir = Path(output_dir), Path(figures_dir)
 
 # %% [markdown]
 # ## Sources

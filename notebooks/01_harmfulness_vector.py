@@ -95,29 +95,13 @@ from davsp_lib import pools as pools_lib
 from davsp_lib.adapters import load_adapter
 from davsp_lib.errors import DataError
 
-nb.check_common(
-    model=model, dtype=dtype, device=device, data_root=data_root, use_mirror=use_mirror,
-    batch_size=batch_size, seed=seed,
+parameters = nb.parameters(
+    globals(), __annotations__, pools=nb.one_of("", *pools_lib.PRESET_POOLS),
+    layer_choice=nb.one_of(*recipe.LAYER_CHOICES), n_vector=nb.at_least(2),
+    n_heldout=nb.at_least(2), n_gap=nb.at_least(1), tolerance=nb.between(0.0, 0.5),
+    q_plus=nb.between(0.0, 1.0), q_minus=nb.between(0.0, 1.0),
 )
-nb.check("pools", pools, str, choices=["", *pools_lib.PRESET_POOLS])
-nb.check("layer_choice", layer_choice, str, choices=list(recipe.LAYER_CHOICES))
-nb.check("n_vector", n_vector, int, minimum=2)
-nb.check("n_heldout", n_heldout, int, minimum=2)
-nb.check("n_gap", n_gap, int, minimum=1)
-nb.check("layers", layers, str)
-nb.check("safety_prefix", safety_prefix, bool)
-nb.check("tolerance", tolerance, float, minimum=0.0, maximum=0.5)
-nb.check("q_plus", q_plus, float, minimum=0.0, maximum=1.0)
-nb.check("q_minus", q_minus, float, minimum=0.0, maximum=1.0)
-nb.check("interactive", interactive, bool)
 output_dir, figures_dir = Path(output_dir), Path(figures_dir)
-parameters = dict(
-    model=model, dtype=dtype, device=device, data_root=data_root, use_mirror=use_mirror,
-    pools=pools, layer_choice=layer_choice, n_vector=n_vector, n_heldout=n_heldout, n_gap=n_gap,
-    layers=layers,
-    safety_prefix=safety_prefix, tolerance=tolerance, q_plus=q_plus, q_minus=q_minus,
-    batch_size=batch_size, interactive=interactive, seed=seed,
-)
 
 # %%
 adapter = load_adapter(model, dtype=dtype, device_map=device or None)

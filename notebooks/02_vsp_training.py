@@ -63,7 +63,7 @@ n_train: int = 32  # training records per class
 n_heldout: int = 16  # held-out records per class (projections before/after)
 n_mmvet: int = 0  # MM-Vet photos added to the benign training side (reference answers)
 safety_prefix: bool = True  # DAVSP's text safety prefix in every prompt, as in the reference
-variants: list = ["davsp", "da_noise", "vsp_output", "uniguard", "esiii", "pat"]  # davsp first
+variants: list[str] = ["davsp", "da_noise", "vsp_output", "uniguard", "esiii", "pat"]  # davsp first
 # (also "uniguard_published"; "adashield_a": needs MM-SafetyBench TYPO training records: pools)
 steps: int = 60  # optimisation steps of the DAVSP border
 ablation_steps: int = 30  # steps of the other variants
@@ -107,64 +107,25 @@ from davsp_lib import pools as pools_lib
 from davsp_lib.adapters import load_adapter
 from davsp_lib.vsp import VisualSafetyPrompt, default_width
 
-nb.check_common(
-    model=model, dtype=dtype, device=device, vector_path=vector_path, data_root=data_root,
-    use_mirror=use_mirror, batch_size=batch_size, seed=seed,
+positive = ("steps", "ablation_steps", "answer_tokens", "checkpoint_every", "esiii_steps",
+            "uniguard_steps", "pat_steps", "pat_control_len", "pat_candidates", "pat_topk",
+            "pat_batch_size", "n_train", "n_heldout")
+parameters = nb.parameters(
+    globals(), __annotations__, **dict.fromkeys(positive, nb.at_least(1)),
+    layer_choice=nb.one_of("data", "reference"), pools=nb.one_of("", *pools_lib.PRESET_POOLS),
+    malicious_output_p=nb.between(0.0, 1.0), border_start=nb.one_of("white", "zeros", "mean"),
+    layer=nb.at_least(-1), n_mmvet=nb.at_least(0), width=nb.at_least(0),
+    variants=nb.one_of(*sorted(training.VARIANTS), "pat", uniguard.VARIANT, adashield.VARIANT),
+    optimizer=nb.one_of("adam", "sign"), lr=nb.at_least(1e-8), lam=nb.at_least(0.0),
+    schedule=nb.one_of("alternate", "mix", "random"), epsilon=nb.between(1e-6, 1.0),
+    esiii_step_size=nb.at_least(1e-8), esiii_epsilon=nb.between(1e-6, 1.0),
+    snapshots=nb.between(1, 8),
 )
-nb.check("layer_choice", layer_choice, str, choices=["data", "reference"])
-nb.check("pools", pools, str, choices=["", *pools_lib.PRESET_POOLS])
-nb.check("malicious_output_p", malicious_output_p, float, minimum=0.0, maximum=1.0)
-nb.check("answer_eos", answer_eos, bool)
-nb.check("border_start", border_start, str, choices=["white", "zeros", "mean"])
-nb.check("border_clamp", border_clamp, bool)
-nb.check("layer", layer, int, minimum=-1)
-nb.check("margins_from_vector", margins_from_vector, bool)
-nb.check("mu_plus", mu_plus, float)
-nb.check("mu_minus", mu_minus, float)
-nb.check("n_train", n_train, int, minimum=1)
-nb.check("n_heldout", n_heldout, int, minimum=1)
-nb.check("n_mmvet", n_mmvet, int, minimum=0)
-nb.check("safety_prefix", safety_prefix, bool)
-nb.check("variants", variants, list)
-for variant in variants:
-    choices = [*sorted(training.VARIANTS), "pat", uniguard.VARIANT, adashield.VARIANT]
-    nb.check("variants[]", variant, str, choices=choices)
 if not set(variants) - {"pat", adashield.VARIANT}:
     raise nb.ParameterError("variants needs at least one image prompt besides 'pat' and "
                             f"{adashield.VARIANT!r}")
-nb.check("steps", steps, int, minimum=1)
-nb.check("ablation_steps", ablation_steps, int, minimum=1)
-nb.check("optimizer", optimizer, str, choices=["adam", "sign"])
-nb.check("lr", lr, float, minimum=1e-8)
-nb.check("lam", lam, float, minimum=0.0)
-nb.check("schedule", schedule, str, choices=["alternate", "mix", "random"])
-nb.check("width", width, int, minimum=0)
-nb.check("epsilon", epsilon, float, minimum=1e-6, maximum=1.0)
-nb.check("answer_tokens", answer_tokens, int, minimum=1)
-for name in ("esiii_steps", "uniguard_steps", "pat_steps", "pat_control_len", "pat_candidates",
-             "pat_topk", "pat_batch_size"):
-    nb.check(name, globals()[name], int, minimum=1)
-nb.check("esiii_step_size", esiii_step_size, float, minimum=1e-8)
-nb.check("esiii_epsilon", esiii_epsilon, float, minimum=1e-6, maximum=1.0)
-nb.check("checkpoint_every", checkpoint_every, int, minimum=1)
-nb.check("snapshots", snapshots, int, minimum=1, maximum=8)
 output_dir, figures_dir = Path(output_dir), Path(figures_dir)
-device = device or ("cuda" if torch.cuda.is_available() else "")
-parameters = dict(
-    model=model, dtype=dtype, device=device, vector_path=vector_path, layer_choice=layer_choice,
-    pools=pools, malicious_output_p=malicious_output_p, answer_eos=answer_eos,
-    border_start=border_start, border_clamp=border_clamp, layer=layer,
-    margins_from_vector=margins_from_vector, mu_plus=mu_plus, mu_minus=mu_minus,
-    data_root=data_root, use_mirror=use_mirror, n_train=n_train, n_heldout=n_heldout,
-    n_mmvet=n_mmvet, safety_prefix=safety_prefix, variants=variants, steps=steps,
-    ablation_steps=ablation_steps, batch_size=batch_size, optimizer=optimizer, lr=lr, lam=lam,
-    schedule=schedule, width=width, epsilon=epsilon, answer_tokens=answer_tokens,
-    checkpoint_every=checkpoint_every, snapshots=snapshots, seed=seed, esiii_steps=esiii_steps,
-    uniguard_steps=uniguard_steps, esiii_step_size=esiii_step_size, esiii_epsilon=esiii_epsilon,
-    pat_steps=pat_steps,
-    pat_control_len=pat_control_len, pat_candidates=pat_candidates, pat_topk=pat_topk,
-    pat_batch_size=pat_batch_size,
-)
+device = parameters["device"] = device or ("cuda" if torch.cuda.is_available() else "")
 
 # %%
 adapter = load_adapter(model, dtype=dtype, device_map=device or None)

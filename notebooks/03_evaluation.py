@@ -100,34 +100,18 @@ from davsp_lib.errors import DataError
 from davsp_lib.images import record_image, to_tensor
 from davsp_lib.io import atomic_write_json, atomic_write_text
 
-nb.check_common(
-    model=model, dtype=dtype, device=device, data_root=data_root, use_mirror=use_mirror,
-    vector_path=vector_path, batch_size=batch_size, seed=seed,
+counts = ("n_figstep", "n_mmsb", "n_harmful_val", "n_harmless_val", "n_mmvet", "n_examples")
+parameters = nb.parameters(
+    globals(), __annotations__, **dict.fromkeys(counts, nb.at_least(0)),
+    pools=nb.one_of("", *pools_lib.PRESET_POOLS), max_new_tokens=nb.between(1, 4096),
+    judge_template=nb.one_of(*judges.TEMPLATES),
 )
-nb.check("pools", pools, str, choices=["", *pools_lib.PRESET_POOLS])
-nb.check("training_dir", training_dir, str)
-nb.check("defenses", defenses, str)
 defense_names = [name.strip() for name in defenses.split(",") if name.strip()]
 if not defense_names:
     raise nb.ParameterError("parameter 'defenses' names no defense")
 for name in defense_names:
     nb.check("defenses", name, str, choices=list(evaluation.DEFENSES))
-for name in ("n_figstep", "n_mmsb", "n_harmful_val", "n_harmless_val", "n_mmvet"):
-    nb.check(name, globals()[name], int, minimum=0)
-nb.check("mmvet_capability", mmvet_capability, str)
-nb.check("max_new_tokens", max_new_tokens, int, minimum=1, maximum=4096)
-nb.check("judge_specs", judge_specs, str)
-nb.check("judge_template", judge_template, str, choices=list(judges.TEMPLATES))
-nb.check("n_examples", n_examples, int, minimum=0)
 output_dir, figures_dir = Path(output_dir), Path(figures_dir)
-parameters = dict(
-    model=model, dtype=dtype, device=device, data_root=data_root, use_mirror=use_mirror,
-    pools=pools, vector_path=vector_path, training_dir=training_dir, defenses=defenses,
-    n_figstep=n_figstep,
-    n_mmsb=n_mmsb, n_harmful_val=n_harmful_val, n_harmless_val=n_harmless_val, n_mmvet=n_mmvet,
-    mmvet_capability=mmvet_capability, batch_size=batch_size, max_new_tokens=max_new_tokens,
-    judge_specs=judge_specs, judge_template=judge_template, n_examples=n_examples, seed=seed,
-)
 
 # %%
 start_all = time.perf_counter()

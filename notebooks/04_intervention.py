@@ -54,7 +54,7 @@ data_root: str = ""  # benchmark mirror; "": $DAVSP_DATA_ROOT, else ../shared/da
 use_mirror: bool = True  # False: only the built-in dataset written by the project
 vector_path: str = "runs/interactive/01_harmfulness_vector/harmfulness_vector"  # notebook 01
 layer: int = -1  # -1: the layer notebook 01 chose (metadata diagnostics.chosen_layer)
-alphas: list = [-2.0, -1.0, 0.0, 1.0, 2.0, 3.0]  # k: alpha in units of d_l (0 always added)
+alphas: list[float] = [-2.0, -1.0, 0.0, 1.0, 2.0, 3.0]  # k: alpha in units of d_l (0 always added)
 positions: str = "all"  # "all": prompt + generated tokens; "last": the prompt's last token only
 ablation: bool = True  # also run VLM-Guard's projection removal at the same layer
 safety_prefix: bool = False  # DAVSP's text safety prefix in the prompts (Table 5: none)
@@ -70,7 +70,6 @@ figures_dir: str = "figures/04_intervention"  # PNG + SVG
 
 # %%
 import hashlib
-import math
 import time
 from pathlib import Path
 
@@ -83,31 +82,15 @@ from davsp_lib import notebook as nb
 from davsp_lib.adapters import load_adapter
 from davsp_lib.inputs import iter_batches
 
-nb.check_common(
-    model=model, dtype=dtype, device=device, data_root=data_root, use_mirror=use_mirror,
-    vector_path=vector_path, batch_size=batch_size, seed=seed,
+parameters = nb.parameters(
+    globals(), __annotations__, layer=nb.at_least(-1), alphas={"finite": True},
+    positions=nb.one_of(*intervention.POSITIONS), n_malicious=nb.at_least(1),
+    n_benign=nb.at_least(1), n_text=nb.at_least(0), max_new_tokens=nb.at_least(1),
+    n_examples=nb.at_least(0),
 )
-nb.check("layer", layer, int, minimum=-1)
-nb.check("alphas", alphas, list)
-for value in alphas:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise nb.ParameterError(f"parameter 'alphas' must hold finite numbers, got {value!r}")
-nb.check("positions", positions, str, choices=list(intervention.POSITIONS))
-nb.check("ablation", ablation, bool)
-nb.check("safety_prefix", safety_prefix, bool)
-nb.check("n_malicious", n_malicious, int, minimum=1)
-nb.check("n_benign", n_benign, int, minimum=1)
-nb.check("n_text", n_text, int, minimum=0)
-nb.check("max_new_tokens", max_new_tokens, int, minimum=1)
-nb.check("n_examples", n_examples, int, minimum=0)
 output_dir, figures_dir = Path(output_dir), Path(figures_dir)
 ks = sorted({float(value) for value in alphas} | {0.0})  # the unsteered row is always there
-parameters = dict(
-    model=model, dtype=dtype, device=device, data_root=data_root, use_mirror=use_mirror,
-    vector_path=vector_path, layer=layer, alphas=ks, positions=positions, ablation=ablation,
-    safety_prefix=safety_prefix, n_malicious=n_malicious, n_benign=n_benign, n_text=n_text,
-    batch_size=batch_size, max_new_tokens=max_new_tokens, n_examples=n_examples, seed=seed,
-)
+parameters["alphas"] = ks
 
 # %%
 started = time.perf_counter()

@@ -80,34 +80,16 @@ from davsp_lib.errors import DataError
 from davsp_lib.images import record_image, to_tensor
 from davsp_lib.vsp import VisualSafetyPrompt
 
-for name in ("model_a", "model_b", "data_root", "training_dir", "vector_path", "variant"):
-    nb.check(name, globals()[name], str)
-nb.check_common(
-    dtype=dtype, device=device, use_mirror=use_mirror, batch_size=batch_size, seed=seed,
+counts = ("b_canvas", "b_border_width", "n_figstep", "n_harmful_val", "n_harmless_val")
+parameters = nb.parameters(
+    globals(), __annotations__, **dict.fromkeys(counts, nb.at_least(0)),
+    fallback_canvas=nb.at_least(64), fallback_width=nb.at_least(1),
+    refusal_list=nb.one_of(*sorted(judges.REFUSAL_LISTS)), max_new_tokens=nb.between(1, 4096),
 )
-for name in ("b_canvas", "b_border_width"):
-    nb.check(name, globals()[name], int, minimum=0)
-nb.check("fallback_canvas", fallback_canvas, int, minimum=64)
-nb.check("fallback_width", fallback_width, int, minimum=1)
-for name in ("n_figstep", "n_harmful_val", "n_harmless_val"):
-    nb.check(name, globals()[name], int, minimum=0)
-nb.check("reference_rows", reference_rows, str)
 a_rows = [name.strip() for name in reference_rows.split(",") if name.strip()]
 for name in a_rows:
     nb.check("reference_rows", name, str, choices=["none", "davsp"])
-nb.check("refusal_list", refusal_list, str, choices=sorted(judges.REFUSAL_LISTS))
-nb.check("max_new_tokens", max_new_tokens, int, minimum=1, maximum=4096)
-nb.check("tiny_code_path", tiny_code_path, bool)
 output_dir, figures_dir = Path(output_dir), Path(figures_dir)
-parameters = dict(
-    model_a=model_a, model_b=model_b, b_canvas=b_canvas, b_border_width=b_border_width,
-    fallback_canvas=fallback_canvas, fallback_width=fallback_width, dtype=dtype, device=device,
-    data_root=data_root, use_mirror=use_mirror, training_dir=training_dir, variant=variant,
-    vector_path=vector_path, n_figstep=n_figstep, n_harmful_val=n_harmful_val,
-    n_harmless_val=n_harmless_val, reference_rows=reference_rows, refusal_list=refusal_list,
-    batch_size=batch_size, max_new_tokens=max_new_tokens, tiny_code_path=tiny_code_path,
-    seed=seed,
-)
 
 # %% [markdown]
 # ## The border from model A

@@ -84,26 +84,14 @@ from davsp_lib import notebook as nb
 from davsp_lib.adapters import load_adapter
 from davsp_lib.errors import DataError
 
-for name in ("model", "data_root", "training_dir", "vector_path", "mmvet_capability"):
-    nb.check(name, globals()[name], str)
-nb.check_common(
-    dtype=dtype, device=device, use_mirror=use_mirror, batch_size=batch_size, seed=seed,
+counts = ("n_figstep", "n_harmful_val", "n_harmless_val", "n_mmvet", "n_examples")
+tokens = ("max_new_tokens", "check_tokens", "caption_tokens")
+parameters = nb.parameters(
+    globals(), __annotations__, **dict.fromkeys(counts, nb.at_least(0)),
+    **dict.fromkeys(tokens, nb.between(1, 4096)),
+    refusal_list=nb.one_of(*sorted(judges.REFUSAL_LISTS)),
 )
-for name in ("n_figstep", "n_harmful_val", "n_harmless_val", "n_mmvet", "n_examples"):
-    nb.check(name, globals()[name], int, minimum=0)
-for name in ("max_new_tokens", "check_tokens", "caption_tokens"):
-    nb.check(name, globals()[name], int, minimum=1, maximum=4096)
-nb.check("oracle", oracle, bool)
-nb.check("refusal_list", refusal_list, str, choices=sorted(judges.REFUSAL_LISTS))
 output_dir, figures_dir = Path(output_dir), Path(figures_dir)
-parameters = dict(
-    model=model, dtype=dtype, device=device, data_root=data_root, use_mirror=use_mirror,
-    training_dir=training_dir, vector_path=vector_path, n_figstep=n_figstep,
-    n_harmful_val=n_harmful_val, n_harmless_val=n_harmless_val, n_mmvet=n_mmvet,
-    mmvet_capability=mmvet_capability, batch_size=batch_size, max_new_tokens=max_new_tokens,
-    check_tokens=check_tokens, caption_tokens=caption_tokens, oracle=oracle,
-    refusal_list=refusal_list, n_examples=n_examples, seed=seed,
-)
 
 # %%
 start_all = time.perf_counter()

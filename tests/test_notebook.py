@@ -20,16 +20,19 @@ def test_check_accepts_int_for_float_and_names_the_parameter():
         nb.check("steps", 0, int, minimum=1)
 
 
-def test_check_common_applies_each_rule():
-    nb.check_common(model="tiny", dtype="auto", device="", seed=0, batch_size=1, use_mirror=True)
-    with pytest.raises(nb.ParameterError, match="'dtype' must be one of"):
-        nb.check_common(dtype="fp8")
-    with pytest.raises(nb.ParameterError, match="'batch_size' must be >= 1, got 0"):
-        nb.check_common(batch_size=0)
-    with pytest.raises(nb.ParameterError, match="'use_mirror' must be bool"):
-        nb.check_common(use_mirror="yes")
-    with pytest.raises(KeyError, match="'steps' is not a common parameter"):
-        nb.check_common(steps=3)
+def test_parameters_applies_the_shared_rule_of_each_common_name():
+    ok = {"model": "tiny", "dtype": "auto", "device": "", "seed": 0, "batch_size": 1}
+    annotations = {"model": str, "dtype": str, "device": str, "seed": int, "batch_size": int}
+    assert nb.parameters(ok, annotations) == ok
+    for name, bad, message in [
+        ("dtype", "fp8", "'dtype' must be one of"),
+        ("batch_size", 0, "'batch_size' must be >= 1, got 0"),
+        ("seed", -1, "'seed' must be >= 0, got -1"),
+    ]:
+        with pytest.raises(nb.ParameterError, match=message):
+            nb.parameters({**ok, name: bad}, annotations)
+    # a notebook's own rule replaces the shared one for that name
+    assert nb.parameters({**ok, "batch_size": 0}, annotations, batch_size=nb.at_least(0))
 
 
 def test_mirror_root_present_absent_and_unused(tmp_path: Path, capsys):
@@ -157,3 +160,14 @@ def test_parameters_sees_papermills_values_and_the_cells_annotations(tmp_path: P
             cwd=str(Path(__file__).resolve().parents[1]), progress_bar=False,
             kernel_name="python3",
         )  # fmt: skip
+
+
+def test_rule_helpers_are_check_keywords():
+    assert nb.at_least(1) == {"minimum": 1}
+    assert nb.between(0.0, 0.5) == {"minimum": 0.0, "maximum": 0.5}
+    assert nb.one_of("adam", "sign") == {"choices": ["adam", "sign"]}
+    namespace, annotations = cell(n_gap=13, model="big")
+    with pytest.raises(nb.ParameterError, match="'n_gap' must be <= 12, got 13"):
+        nb.parameters(namespace, annotations, n_gap=nb.between(1, 12))
+    with pytest.raises(nb.ParameterError, match=r"'model' must be one of \['tiny'\], got 'big'"):
+        nb.parameters(namespace, annotations, model=nb.one_of("tiny"))
