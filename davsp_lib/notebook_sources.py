@@ -34,8 +34,12 @@ def sources(notebook_dir: Path = NOTEBOOK_DIR) -> list[Path]:
 
 def notebook(source: Path) -> nbformat.NotebookNode:
     """The notebook a percent source describes: no outputs, cell ids ``c00``, ``c01``, ..."""
-    import jupytext
-
+    try:
+        import jupytext
+    except ModuleNotFoundError as error:  # a dependency; an older environment may lack it
+        raise ModuleNotFoundError(
+            "davsp notebooks needs jupytext: pip install -c requirements/lock.txt jupytext"
+        ) from error
     nb = jupytext.read(source, fmt="py:percent")
     if not nb.cells:
         raise ValueError(f"{source}: no cells")
