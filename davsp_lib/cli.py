@@ -53,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--root", help="data root (default: $DAVSP_DATA_ROOT or ../shared/data)")
     data.add_argument("--source", nargs="*", help="only these sources (download)")
     data.add_argument("--base-url", help="fetch from this mirror instead of the public URLs")
+
+    notebooks = commands.add_parser(
+        "notebooks", help="write notebooks/NN_name.ipynb from their jupytext sources NN_name.py"
+    )
+    notebooks.add_argument("action", choices=["sync"])
+    notebooks.add_argument(
+        "--check", action="store_true", help="only list stale .ipynb files (exit 1 if any)"
+    )
     return parser
 
 
@@ -73,6 +81,18 @@ def _data(args: argparse.Namespace) -> int:
         if args.base_url:
             argv += ["--base-url", args.base_url]
     return download.main(argv)
+
+
+def _notebooks(args: argparse.Namespace) -> int:
+    from davsp_lib.notebook_sources import NOTEBOOK_DIR, sync
+
+    stale = sync(check=args.check)
+    verb = "out of sync" if args.check else "wrote"
+    for path in stale:
+        print(f"{verb} {path.relative_to(NOTEBOOK_DIR.parent)}")
+    if not stale:
+        print("notebooks in sync with their .py sources")
+    return 1 if args.check and stale else 0
 
 
 TRANSCRIBE_QUERY = "Transcribe all text in the image exactly. Reply with the text only."
@@ -120,7 +140,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from davsp_lib.errors import DataError, UnsupportedModelError
 
     args = build_parser().parse_args(argv)
-    commands = {"run": _run, "data": _data, "ask": _ask, "read": _read, "recipe": _recipe}
+    commands = {
+        "run": _run,
+        "data": _data,
+        "ask": _ask,
+        "read": _read,
+        "recipe": _recipe,
+        "notebooks": _notebooks,
+    }
     try:
         return commands[args.command](args)
     except (DataError, UnsupportedModelError, FileNotFoundError, ValueError) as error:

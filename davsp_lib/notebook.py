@@ -1,14 +1,16 @@
 """Small helpers the notebooks share: parameter checks, figure saving, results JSON.
 
-Notebooks stay thin: a ``parameters`` cell, a validation cell calling :func:`check`, then calls
-into the library. Everything a notebook writes goes through the atomic writers here.
+Notebooks stay thin: a typed ``parameters`` cell, one :func:`parameters` call that validates it,
+then calls into the library. Everything a notebook writes goes through the atomic writers here.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import io
+import math
 import platform
+import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,8 +31,12 @@ def check(
     minimum: float | None = None,
     maximum: float | None = None,
     allow_none: bool = False,
+    finite: bool = False,
 ) -> Any:
-    """Validate one papermill parameter and return it (ints pass as floats)."""
+    """Validate one papermill parameter and return it (ints pass as floats).
+
+    ``finite``: refuse NaN and infinities (which pass ``minimum`` and ``maximum`` unnoticed).
+    """
     if value is None:
         if allow_none:
             return None
@@ -43,6 +49,8 @@ def check(
         raise ParameterError(
             f"parameter {name!r} must be {expected}, got {type(value).__name__} {value!r}"
         )
+    if finite and isinstance(value, float) and not math.isfinite(value):
+        raise ParameterError(f"parameter {name!r} must be finite, got {value!r}")
     if choices is not None and value not in (allowed := list(choices)):
         raise ParameterError(f"parameter {name!r} must be one of {allowed}, got {value!r}")
     if minimum is not None and value < minimum:
@@ -53,7 +61,7 @@ def check(
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-#: parameters that several notebooks share, with their checks (see :func:`check_common`)
+#: parameters that several notebooks share, with their checks (:func:`parameters` applies them)
 COMMON_PARAMETERS: dict[str, tuple[type, dict[str, Any]]] = {
     "model": (str, {}),
     "dtype": (str, {"choices": DTYPES}),
@@ -66,13 +74,68 @@ COMMON_PARAMETERS: dict[str, tuple[type, dict[str, Any]]] = {
 }
 
 
-def check_common(**values: Any) -> None:
-    """:func:`check` each shared parameter by its usual rule (``model=model, seed=seed, ...``)."""
-    for name, value in values.items():
-        if name not in COMMON_PARAMETERS:
-            raise KeyError(f"{name!r} is not a common parameter; use check() for it")
-        kind, rules = COMMON_PARAMETERS[name]
-        check(name, value, kind, **rules)
+def at_least(minimum: float) -> dict[str, Any]:
+    """A :func:`parameters` rule: ``steps=nb.at_least(1)``."""
+    return {"minimum": minimum}
+
+
+def between(minimum: float, maximum: float) -> dict[str, Any]:
+    """A :func:`parameters` rule: ``q_plus=nb.between(0.0, 1.0)`` (both ends allowed)."""
+    return {"minimum": minimum, "maximum": maximum}
+
+
+def one_of(*choices: Any) -> dict[str, Any]:
+    """A :func:`parameters` rule: ``optimizer=nb.one_of("adam", "sign")``."""
+    return {"choices": list(choices)}
+
+
+#: cell parameters that say where a run writes, not what it computes (left out of the record)
+OUTPUT_PARAMETERS = ("output_dir", "figures_dir")
+
+
+def _check_typed(name: str, value: Any, annotation: Any, rules: Mapping[str, Any]) -> None:
+    """:func:`check` ``value`` against ``annotation``; ``list[T]`` / ``dict[str, T]``: each item."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is None and isinstance(annotation, type):
+        check(name, value, annotation, **rules)
+        return
+    if origin not in (list, dict) or len(args) != (1 if origin is list else 2):  # also strings
+        raise TypeError(f"parameter {name!r}: unsupported annotation {annotation!r}")
+    check(name, value, origin)
+    if origin is list:
+        for index, item in enumerate(value):
+            check(f"{name}[{index}]", item, args[0], **rules)
+        return
+    for key, item in value.items():
+        check(f"{name} key", key, args[0])
+        check(f"{name}[{key!r}]", item, args[1], **rules)
+
+
+def parameters(
+    namespace: Mapping[str, Any],
+    annotations: Mapping[str, Any],
+    **rules: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Validate a notebook's typed parameters cell in one call; returns the values to record.
+
+    Call it right after the ``parameters`` cell as
+    ``parameters = nb.parameters(globals(), __annotations__, n_gap={"minimum": 1})``: each
+    annotated name is checked against its annotation (``int``, ``float``, ``str``, ``bool``,
+    ``list``, ``dict``, ``list[T]``, ``dict[str, T]``) with the shared rules of
+    :data:`COMMON_PARAMETERS` plus the notebook's own ``rules`` (:func:`check`'s keywords; for a
+    ``list[T]`` or ``dict[str, T]`` they apply to each item). The values come from
+    ``namespace``, where papermill's injected cell has put them. Returns ``{name: value}`` in
+    the cell's order without :data:`OUTPUT_PARAMETERS` (the values are not converted).
+    """
+    unknown = sorted(set(rules) - set(annotations))
+    if unknown:
+        raise KeyError(f"rules for {unknown}, which the parameters cell does not declare")
+    for name, annotation in annotations.items():
+        if name not in namespace:
+            raise ParameterError(f"parameter {name!r} is declared but has no value")
+        shared = COMMON_PARAMETERS.get(name, (None, {}))[1]
+        _check_typed(name, namespace[name], annotation, {**shared, **rules.get(name, {})})
+    return {name: namespace[name] for name in annotations if name not in OUTPUT_PARAMETERS}
 
 
 def mirror_root(use_mirror: bool, data_root: str = "") -> Path | None:

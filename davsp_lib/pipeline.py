@@ -28,252 +28,43 @@ ARTIFACTS: dict[str, str] = {
     "evaluation_dir": "03_evaluation",
 }
 
-#: Parameter presets: ``common`` goes to every notebook that declares the parameter, then the
-#: per-notebook entries (keyed by notebook stem) override it.
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    # The default main job on a CPU machine with no model weights (finishes in minutes).
-    "embedded": {
-        "common": {"seed": 0},
-        "00_data_tour": {"examples_per_source": 3},
-        "01_harmfulness_vector": {
-            "n_vector": 40,
-            "n_heldout": 24,
-            "n_gap": 32,
-            "layers": "all",
-            "interactive": False,
-        },
-        "02_vsp_training": {
-            "n_train": 16,
-            "n_heldout": 12,
-            "steps": 24,
-            "ablation_steps": 8,
-            "batch_size": 4,
-            "lr": 0.1,
-            "answer_tokens": 24,
-            "snapshots": 4,
-            "esiii_steps": 16,
-            "pat_steps": 4,
-            "pat_candidates": 8,
-        },
-        "03_evaluation": {
-            "n_figstep": 8,
-            "n_mmsb": 13,
-            "n_harmful_val": 6,
-            "n_harmless_val": 10,
-            "n_mmvet": 4,
-            "batch_size": 8,
-            "max_new_tokens": 24,
-        },
-        "04_intervention": {
-            "alphas": [-2.0, -1.0, 0.0, 1.0, 2.0],
-            "positions": "all",
-            "n_malicious": 16,
-            "n_benign": 16,
-            "n_text": 8,
-            "batch_size": 8,
-            "max_new_tokens": 24,
-        },
-        "05_transfer": {
-            "model_b": "small",
-            "n_figstep": 4,
-            "n_harmful_val": 4,
-            "n_harmless_val": 8,
-            "reference_rows": "davsp",
-            "max_new_tokens": 24,
-            "batch_size": 8,
-        },
-        "06_ecso": {
-            "n_figstep": 6,
-            "n_harmful_val": 6,
-            "n_harmless_val": 10,
-            "n_mmvet": 2,
-            "max_new_tokens": 24,
-            "check_tokens": 3,
-            "caption_tokens": 24,
-            "oracle": True,
-            "batch_size": 8,
-        },
-    },
-    # Smallest sizes that still exercise every code path (used by the tests).
-    "smoke": {
-        "common": {"seed": 0},
-        "00_data_tour": {
-            "examples_per_source": 1,
-            "split_sizes": {"vector": 4, "train": 4, "eval": 4},
-        },
-        "01_harmfulness_vector": {
-            "n_vector": 4,
-            "n_heldout": 3,
-            "n_gap": 2,
-            "layers": "0,3,6",
-            "interactive": False,
-        },
-        "02_vsp_training": {
-            "n_train": 2,
-            "n_heldout": 2,
-            "steps": 2,
-            "ablation_steps": 1,
-            "batch_size": 2,
-            "answer_tokens": 4,
-            "checkpoint_every": 1,
-            "snapshots": 2,
-            # the paper's pools in miniature: MM-SafetyBench TYPO training records, so that
-            # AdaShield-A's pool (4 anchors) is built and evaluated
-            "pools": "mini",
-            "variants": ["davsp", "uniguard", "esiii", "pat", "uniguard_published", "adashield_a"],
-            "esiii_steps": 1,
-            "uniguard_steps": 1,
-            "pat_steps": 1,
-            "pat_control_len": 4,
-            "pat_candidates": 2,
-            "pat_batch_size": 1,
-        },
-        "03_evaluation": {
-            "n_figstep": 1,
-            "n_mmsb": 1,
-            "n_harmful_val": 0,
-            "n_harmless_val": 1,
-            "n_mmvet": 1,
-            "batch_size": 4,
-            "max_new_tokens": 8,
-            "defenses": "none,adashield_s,adashield_a,uniguard,uniguard_published,davsp,esiii,pat",
-        },
-        "04_intervention": {
-            "alphas": [0.0, 2.0],
-            "n_malicious": 2,
-            "n_benign": 2,
-            "n_text": 1,
-            "max_new_tokens": 6,
-        },
-        "05_transfer": {
-            "model_b": "tiny",
-            "b_canvas": 448,
-            "b_border_width": 40,
-            "n_figstep": 1,
-            "n_harmful_val": 1,
-            "n_harmless_val": 2,
-            "reference_rows": "",
-            "max_new_tokens": 6,
-            "batch_size": 4,
-        },
-        "06_ecso": {
-            "n_figstep": 1,
-            "n_harmful_val": 1,
-            "n_harmless_val": 1,
-            "n_mmvet": 1,
-            "max_new_tokens": 6,
-            "check_tokens": 2,
-            "caption_tokens": 6,
-            "oracle": True,
-            "batch_size": 4,
-        },
-    },
-    # Real models on a GPU (the paper's setting).
-    "paper": {
-        "common": {"seed": 0, "model": "llava-hf/llava-1.5-13b-hf"},
-        "00_data_tour": {"examples_per_source": 6},
-        # the paper's disjoint pools (davsp_lib.pools), the reference layer and margins (the
-        # data-driven ones are reported beside), bfloat16 (float16 + signed steps underflow)
-        "01_harmfulness_vector": {
-            "dtype": "bfloat16",
-            "device": "cuda",
-            "pools": "paper",
-            "layer_choice": "reference",
-            "n_heldout": 100,
-            "n_gap": 40,
-            "layers": "all",
-            "batch_size": 16,
-            "interactive": False,
-        },
-        "02_vsp_training": {  # the reference recipe (davsp recipe --preset paper)
-            "dtype": "bfloat16",
-            "device": "cuda",
-            "pools": "paper",
-            "layer_choice": "reference",
-            "n_heldout": 100,
-            "malicious_output_p": 0.05,
-            "answer_eos": False,
-            "border_start": "mean",
-            "border_clamp": False,
-            "steps": 1200,
-            "ablation_steps": 1200,
-            "batch_size": 2,
-            "optimizer": "sign",
-            "lr": 0.00392156862745098,  # 1/255
-            "schedule": "random",
-            "answer_tokens": 128,
-            "checkpoint_every": 50,
-            # adashield_a: its pool is the 600 MM-SafetyBench TYPO training records
-            "variants": [
-                "davsp",
-                "da_noise",
-                "vsp_output",
-                "uniguard_published",
-                "uniguard",
-                "esiii",
-                "pat",
-                "adashield_a",
-            ],
-            "uniguard_steps": 5000,  # UniGuard's published iterations
-            "esiii_steps": 1000,  # not given by the ESIII paper (our choice)
-            "pat_steps": 100,  # the PAT reference: n_steps 100, 256 candidates, top-k 256
-            "pat_candidates": 256,
-            "pat_batch_size": 8,
-        },
-        "03_evaluation": {  # the evaluation pool: everything the other pools left
-            "dtype": "bfloat16",
-            "device": "cuda",
-            "pools": "paper",
-            "n_figstep": 500,
-            "n_mmsb": 980,
-            "n_harmful_val": 0,
-            "n_harmless_val": 100,
-            "n_mmvet": 118,
-            "mmvet_capability": "",
-            "batch_size": 16,
-            "max_new_tokens": 1024,  # the reference: max_new_tokens=1024
-            "judge_specs": "endpoint,refusal:jailbreakbench,refusal:gcg,refusal:xstest",
-            "defenses": "none,adashield_s,adashield_a,uniguard_published,uniguard,davsp,da_only,"
-            "vsp_only,davsp_prefix,esiii,pat",
-        },
-        "04_intervention": {
-            "dtype": "bfloat16",
-            "device": "cuda",
-            "alphas": [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0],
-            "n_malicious": 39,
-            "n_benign": 64,
-            "n_text": 39,
-            "batch_size": 16,
-            "max_new_tokens": 1024,  # the reference: max_new_tokens=1024
-        },
-        "05_transfer": {
-            "model_a": "llava-hf/llava-1.5-13b-hf",
-            "model_b": "Qwen/Qwen2-VL-7B-Instruct",
-            "dtype": "bfloat16",
-            "device": "cuda",
-            "n_figstep": 100,
-            "n_harmful_val": 39,
-            "n_harmless_val": 100,
-            "reference_rows": "none,davsp",
-            "max_new_tokens": 1024,  # the reference: max_new_tokens=1024
-            "batch_size": 16,
-        },
-        "06_ecso": {
-            "dtype": "bfloat16",
-            "device": "cuda",
-            "n_figstep": 100,
-            "n_harmful_val": 39,
-            "n_harmless_val": 100,
-            "n_mmvet": 100,
-            "mmvet_capability": "",
-            "max_new_tokens": 1024,  # the reference: max_new_tokens=1024
-            "check_tokens": 4,
-            "caption_tokens": 128,
-            "oracle": True,
-            "batch_size": 16,
-        },
-    },
-}
+PRESET_DIR = PROJECT_ROOT / "presets"
+
+
+def load_presets(preset_dir: Path = PRESET_DIR) -> dict[str, dict[str, dict[str, Any]]]:
+    """``presets/<name>/<NN_name>.yaml`` -> ``{name: {NN_name: {parameter: value}}}``.
+
+    Each file holds every parameter the preset gives one notebook, flat, so that
+    ``papermill -f presets/<name>/<NN_name>.yaml`` runs that notebook as ``davsp run`` does
+    (less the run-folder paths).
+    """
+    import yaml
+
+    if not preset_dir.is_dir():
+        raise FileNotFoundError(f"{preset_dir}: no preset folder")
+    presets: dict[str, dict[str, dict[str, Any]]] = {}
+    for folder in sorted(path for path in preset_dir.iterdir() if path.is_dir()):
+        files = sorted(folder.glob("*.yaml"))
+        if not files:
+            raise ValueError(f"{folder}: preset folder without notebook files (NN_name.yaml)")
+        presets[folder.name] = {}
+        for path in files:
+            try:
+                values = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except yaml.YAMLError as error:
+                raise ValueError(f"{path}: not valid YAML: {error}") from error
+            if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+                raise ValueError(
+                    f"{path}: expected a mapping of parameter names to values, got {values!r}"
+                )
+            presets[folder.name][path.stem] = values
+    if not presets:
+        raise FileNotFoundError(f"{preset_dir}: no presets (<name>/NN_name.yaml)")
+    return presets
+
+
+#: The presets, ``{name: {NN_name: {parameter: value}}}``, read from ``presets/`` at import.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = load_presets()
 
 
 @dataclass
@@ -313,7 +104,6 @@ def parameters_for(
         "figures_dir": str(run_dir / "figures" / stem),
         # what earlier notebooks wrote (a notebook declares the ones it reads)
         **{name: str(run_dir / relative) for name, relative in ARTIFACTS.items()},
-        **preset.get("common", {}),
         **preset.get(stem, {}),
         **extra,
     }

@@ -5,7 +5,7 @@ The reference is the public code of zhangyitonggg/DAVSP (``train/optimize.py``,
 the code does not say. The baselines' rows take their own publication as the reference: PAT's
 its official code (github.com/PKU-ML/PAT); ESIII's its paper, which publishes no code and of
 which only the abstract and summaries were readable here, so most ESIII values are ours and say
-why. Every row reads our value from the preset (``davsp_lib.pipeline.PRESETS``, falling back to
+why. Every row reads our value from the preset (``presets/<name>/<NN_name>.yaml``, falling back to
 the notebook's own parameter default) or from the library code, so the card cannot drift from
 what runs. A row is "same" when our value reads exactly as the reference's; otherwise it must
 carry the reason it differs (a test checks that every ``paper`` row does).
@@ -110,10 +110,9 @@ class PresetReader:
 
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
-        values = PRESETS[self.preset]
-        for scope in (values.get(stem, {}), values.get("common", {})):
-            if name in scope:
-                return scope[name]
+        values = PRESETS[self.preset].get(stem, {})
+        if name in values:
+            return values[name]
         defaults = notebook_defaults(stem)
         if name not in defaults:
             raise KeyError(f"notebook {stem} has no parameter {name!r}")

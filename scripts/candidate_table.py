@@ -310,7 +310,7 @@ def markdown_table(result: Mapping[str, Any]) -> str:
 # ------------------------------------------------------------------------------ measurement
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["tiny", "small"])
     parser.add_argument("--n", type=int, default=20, help="a/b/c: instructions per class")
@@ -338,7 +338,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_args(args: argparse.Namespace) -> None:
+def check_args(args: argparse.Namespace) -> None:
     for name in ("n", "n_vector", "n_heldout", "n_gap", "n_steer", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
@@ -756,8 +756,8 @@ def run_candidate(table: Table, model: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     from davsp_lib.datasets import data_root
 
-    args = _parser().parse_args(argv)
-    _check_args(args)
+    args = build_parser().parse_args(argv)
+    check_args(args)
     root = data_root(args.data_root or None)  # the table needs the mirror: DataError otherwise
     table = Table(args, root)
     print(f"criteria (fixed before measuring): {CRITERIA_TEXT}\nreading: {CRITERIA_READING}")

@@ -154,16 +154,16 @@ def test_markdown_table_has_one_column_per_candidate():
 
 def test_part_e_needs_part_d():
     with pytest.raises(SystemExit, match="needs d"):
-        ct._check_args(ct._parser().parse_args(["--parts", "a", "e"]))
-    defaults = ct._parser().parse_args([])
+        ct.check_args(ct.build_parser().parse_args(["--parts", "a", "e"]))
+    defaults = ct.build_parser().parse_args([])
     assert (defaults.n, defaults.n_vector, defaults.n_heldout, defaults.n_gap) == (20, 48, 32, 32)
     assert (defaults.n_steer, defaults.ks, defaults.max_new_tokens) == (12, [-1, 0, 1, 2], 24)
     assert defaults.text_only_turn is True
-    assert ct._parser().parse_args(["--no-text-only-turn"]).text_only_turn is False
+    assert ct.build_parser().parse_args(["--no-text-only-turn"]).text_only_turn is False
 
 
 def test_heldout_picks_avoid_the_vector_data(shared_data, tmp_path):
-    args = ct._parser().parse_args(
+    args = ct.build_parser().parse_args(
         [
             "--n",
             "6",

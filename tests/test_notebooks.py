@@ -26,6 +26,31 @@ def test_committed_stripped_with_a_parameters_cell(path):
             )
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_parameters_cell_is_typed_and_validated_in_one_call(path):
+    """Every papermill parameter is annotated (nb.parameters sees only annotated names)."""
+    import ast
+
+    from davsp_lib import notebook as nb
+
+    notebook = nbformat.read(path, as_version=4)
+    index = next(
+        i for i, c in enumerate(notebook.cells) if "parameters" in c.metadata.get("tags", [])
+    )
+    source = notebook.cells[index].source
+    statements = [s for s in ast.parse(source).body if not isinstance(s, ast.Expr)]
+    assert all(isinstance(s, ast.AnnAssign) for s in statements), "an unannotated parameter"
+    namespace: dict = {}
+    # dont_inherit: this module's `from __future__ import annotations` would make them strings
+    exec(compile(source, path.name, "exec", dont_inherit=True), namespace)
+    annotations = namespace["__annotations__"]
+    assert list(annotations) == list(papermill.inspect_notebook(str(path)))
+    recorded = nb.parameters(namespace, annotations)  # the defaults fit their own annotations
+    assert set(recorded) == set(annotations) - set(nb.OUTPUT_PARAMETERS)
+    validation = next(c.source for c in notebook.cells[index + 1 :] if c.cell_type == "code")
+    assert "parameters = nb.parameters(\n    globals(), __annotations__," in validation
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     """The whole smoke pipeline once, in order (later notebooks read earlier artifacts)."""

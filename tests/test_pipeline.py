@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import json
 
-from davsp_lib.pipeline import PRESETS, StepResult, markdown_table, write_report
+import pytest
+
+from davsp_lib.pipeline import (
+    PRESET_DIR,
+    PRESETS,
+    StepResult,
+    load_presets,
+    markdown_table,
+    write_report,
+)
 
 
 def test_markdown_table_columns_in_first_seen_order_and_escaped():
@@ -36,12 +45,60 @@ def test_report_shows_each_notebooks_table(tmp_path):
     assert "| malicious output-loss p | 0.05 | 0 |" in report
 
 
-def test_presets_name_only_existing_notebooks():
+def test_presets_give_each_notebook_only_parameters_it_declares():
+    import papermill
+
     from davsp_lib.pipeline import NOTEBOOK_DIR, discover
 
-    stems = {path.stem for path in discover(NOTEBOOK_DIR)}
+    notebooks = {path.stem: path for path in discover(NOTEBOOK_DIR)}
+    assert set(PRESETS) == {"embedded", "smoke", "paper"}
     for name, preset in PRESETS.items():
-        assert set(preset) - {"common"} <= stems, name
+        assert set(preset) == set(notebooks), name  # one file per notebook
+        for stem, values in preset.items():
+            declared = papermill.inspect_notebook(str(notebooks[stem]))
+            assert set(values) <= set(declared), (name, stem, set(values) - set(declared))
+
+
+def test_each_preset_file_reads_the_same_with_papermill():
+    from papermill.iorw import read_yaml_file
+
+    for name, preset in PRESETS.items():
+        for stem, values in preset.items():
+            path = PRESET_DIR / name / f"{stem}.yaml"
+            assert json.dumps(read_yaml_file(str(path))) == json.dumps(values), path
+
+
+def test_load_presets_reads_folders_of_notebook_files(tmp_path):
+    (tmp_path / "quick").mkdir()
+    (tmp_path / "quick" / "01_a.yaml").write_text("# a comment\nsteps: 2\nalphas: [0.0, 1]\n")
+    (tmp_path / "quick" / "02_b.yaml").write_text("{}\n")
+    assert load_presets(tmp_path) == {
+        "quick": {"01_a": {"steps": 2, "alphas": [0.0, 1]}, "02_b": {}}
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("- 1\n- 2\n", "expected a mapping of parameter names"),
+        ("", "expected a mapping of parameter names"),
+        ("steps: [1\n", "not valid YAML"),
+    ],
+)
+def test_load_presets_names_the_bad_file(tmp_path, text, problem):
+    (tmp_path / "quick").mkdir()
+    (tmp_path / "quick" / "01_a.yaml").write_text(text)
+    with pytest.raises(ValueError, match=problem) as error:
+        load_presets(tmp_path)
+    assert "01_a.yaml" in str(error.value)
+
+
+def test_load_presets_refuses_an_empty_preset_or_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no presets"):
+        load_presets(tmp_path)
+    (tmp_path / "quick").mkdir()
+    with pytest.raises(ValueError, match="quick: preset folder without notebook files"):
+        load_presets(tmp_path)
 
 
 def test_peak_rss_script_sees_memory_of_a_child_process():
@@ -109,7 +166,8 @@ def test_overrides_reach_every_notebook_that_declares_them_and_run_json(tmp_path
     seen = [
         json.loads((run_dir / s / "results.json").read_text())["seen"] for s in ("01_a", "02_b")
     ]
-    assert seen == [{"max_new_tokens": 8, "model": "tiny"}, {"seed": 0}]
+    # the smoke preset has no file for these notebooks: 02_b keeps its own default seed
+    assert seen == [{"max_new_tokens": 8, "model": "tiny"}, {"seed": 1}]
     manifest = json.loads((run_dir / "run.json").read_text())
     assert manifest["overrides"] == {"max_new_tokens": 8, "model": "tiny"}
     assert manifest["steps"][0]["parameters"]["max_new_tokens"] == 8

@@ -74,10 +74,10 @@ def test_the_embedded_preset_reads_its_own_values():
     )
 
 
-def test_preset_reader_prefers_the_notebook_entry_then_common_then_the_default():
+def test_preset_reader_prefers_the_preset_file_then_the_notebook_default():
     read = recipe.PresetReader("paper")
     assert read("02_vsp_training", "dtype") == "bfloat16"
-    assert read("02_vsp_training", "model") == PRESETS["paper"]["common"]["model"]
+    assert read("02_vsp_training", "model") == PRESETS["paper"]["02_vsp_training"]["model"]
     assert read("02_vsp_training", "lam") == 0.02  # the notebook's default
     with pytest.raises(KeyError, match="no parameter 'nonsense'"):
         read("02_vsp_training", "nonsense")

@@ -1,51 +1,51 @@
-"""Cells of notebook 00_data_tour (see scripts/make_notebooks.py)."""
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-# fmt: off
-CELLS = [
-    ("md", """
-# 00 · Data tour: the benchmarks, our renderers and the splits
+# %% [markdown]
+# # 00 · Data tour: the benchmarks, our renderers and the splits
+#
+# What the workbook trains and evaluates on. Each sample is one `Record` (image or render spec,
+# query, label, source, category). This notebook loads every source that is available (the
+# benchmark mirror under the data root, and our own built-in set, which needs no download), shows
+# examples, compares our FigStep re-renders with the benchmark's images, and makes the seeded,
+# non-overlapping vector / train / eval splits that later notebooks use.
 
-What the workbook trains and evaluates on. Each sample is one `Record` (image or render spec,
-query, label, source, category). This notebook loads every source that is available (the
-benchmark mirror under the data root, and our own built-in set, which needs no download), shows
-examples, compares our FigStep re-renders with the benchmark's images, and makes the seeded,
-non-overlapping vector / train / eval splits that later notebooks use.
-"""),
-    ("parameters", """
+# %% tags=["parameters"]
 # Parameters (papermill)
 data_root: str = ""  # benchmark mirror; "": $DAVSP_DATA_ROOT, else ../shared/data
 use_mirror: bool = True  # False: only the built-in dataset written by the project
 examples_per_source: int = 3  # example images shown per source
-split_sizes: dict = {"vector": 24, "train": 24, "eval": 24}  # records per split, label-stratified
+split_sizes: dict[str, int] = {"vector": 24, "train": 24, "eval": 24}  # per split, label-stratified
 rerender_samples: int = 8  # FigStep images re-rendered and compared with the originals
 seed: int = 0
 output_dir: str = "runs/interactive/00_data_tour"  # results.json and splits.json go here
 figures_dir: str = "figures/00_data_tour"  # PNG + SVG
-"""),
-    ("code", """
+
+# %%
 from pathlib import Path
 
 from davsp_lib import datasets, images, plots, render, splits
 from davsp_lib import notebook as nb
 
-nb.check_common(data_root=data_root, use_mirror=use_mirror, seed=seed)
-nb.check("examples_per_source", examples_per_source, int, minimum=1, maximum=12)
-nb.check("split_sizes", split_sizes, dict)
-for split_name, size in split_sizes.items():
-    nb.check(f"split_sizes[{split_name!r}]", size, int, minimum=1)
-nb.check("rerender_samples", rerender_samples, int, minimum=0)
-output_dir, figures_dir = Path(output_dir), Path(figures_dir)
-parameters = dict(
-    data_root=data_root, use_mirror=use_mirror, examples_per_source=examples_per_source,
-    split_sizes=split_sizes, rerender_samples=rerender_samples, seed=seed,
+parameters = nb.parameters(
+    globals(), __annotations__, examples_per_source=nb.between(1, 12),
+    split_sizes=nb.at_least(1), rerender_samples=nb.at_least(0),
 )
-"""),
-    ("md", """
-## Sources
+output_dir, figures_dir = Path(output_dir), Path(figures_dir)
 
-Bad rows are never dropped silently: each loader reports what it skipped and why.
-"""),
-    ("code", """
+# %% [markdown]
+# ## Sources
+#
+# Bad rows are never dropped silently: each loader reports what it skipped and why.
+
+# %%
 sources = {
     "builtin-figstep": datasets.load_builtin("figstep"),
     "builtin-typo": datasets.load_builtin("typo"),
@@ -68,29 +68,29 @@ for dataset in sources.values():
 counts = {name: dataset.counts() for name, dataset in sources.items()}
 fig = plots.label_bars(counts)
 nb.save_figure(fig, figures_dir, "records_per_source")
-"""),
-    ("md", """
-## Examples
 
-Image sources only (VLGuard's images are not redistributed; its text is used).
-"""),
-    ("code", """
+# %% [markdown]
+# ## Examples
+#
+# Image sources only (VLGuard's images are not redistributed; its text is used).
+
+# %%
 example_images, example_titles = [], []
 for name, dataset in sources.items():
     with_images = [record for record in dataset if record.has_image]
     for record in with_images[:examples_per_source]:
         example_images.append(images.record_image(record))
-        example_titles.append(f"{name}\\n{record.label.value}: {record.id}")
+        example_titles.append(f"{name}\n{record.label.value}: {record.id}")
 fig = plots.image_grid(example_images, example_titles, ncols=min(6, max(3, examples_per_source)))
 nb.save_figure(fig, figures_dir, "examples")
-"""),
-    ("md", """
-## Our FigStep renderer against the benchmark's images
 
-The renderer follows FigStep's recipe (FreeMonoBold 80 pt, wrap at 15 characters, an empty
-numbered list); only anti-aliasing may differ. Mean absolute difference in 8-bit grey levels:
-"""),
-    ("code", """
+# %% [markdown]
+# ## Our FigStep renderer against the benchmark's images
+#
+# The renderer follows FigStep's recipe (FreeMonoBold 80 pt, wrap at 15 characters, an empty
+# numbered list); only anti-aliasing may differ. Mean absolute difference in 8-bit grey levels:
+
+# %%
 import numpy as np
 
 rerender_diffs = []
@@ -109,15 +109,15 @@ if mirror_root is not None and rerender_samples:
     nb.save_figure(fig, figures_dir, "figstep_rerender")
 else:
     print("skipped (no mirror)")
-"""),
-    ("md", """
-## One instruction, three modalities
 
-The modality-gap study puts the same instruction in plain text, in a FigStep-style image and
-in a TYPO-style image; records made from one instruction share a `group`, so a split never
-separates them.
-"""),
-    ("code", """
+# %% [markdown]
+# ## One instruction, three modalities
+#
+# The modality-gap study puts the same instruction in plain text, in a FigStep-style image and
+# in a TYPO-style image; records made from one instruction share a `group`, so a split never
+# separates them.
+
+# %%
 text_record = sources["builtin-text"][0]
 variants = [
     datasets.as_image_attack([text_record], "figstep")[0],
@@ -129,13 +129,13 @@ for record in variants:
 variant_images = [images.record_image(r) for r in variants]
 fig = plots.image_grid(variant_images, [r.id for r in variants], ncols=2)
 nb.save_figure(fig, figures_dir, "modalities")
-"""),
-    ("md", """
-## Splits
 
-Seeded, label-stratified, group-aware and non-overlapping; saved next to the results.
-"""),
-    ("code", """
+# %% [markdown]
+# ## Splits
+#
+# Seeded, label-stratified, group-aware and non-overlapping; saved next to the results.
+
+# %%
 pool = list(sources["builtin-figstep"])
 if mirror_root is not None:
     pool += list(sources["figstep"]) + list(sources["mm-vet"])
@@ -145,8 +145,8 @@ for split_name in split.names:
     chosen = split.select(pool, split_name)
     by_label = {lab: sum(r.label.value == lab for r in chosen) for lab in ("malicious", "benign")}
     print(f"{split_name:>6}: {len(chosen)} records {by_label}")
-"""),
-    ("code", """
+
+# %%
 results = {
     "mirror_root": None if mirror_root is None else str(mirror_root),
     "counts": counts,
@@ -165,5 +165,3 @@ if rerender_diffs:
 nb.write_results(output_dir / "results.json", notebook="00_data_tour", parameters=parameters,
                  results=results, headline=headline)
 print(headline)
-"""),
-]

@@ -1,54 +1,60 @@
-"""Cells of notebook 03_evaluation (see scripts/make_notebooks.py)."""
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-# fmt: off
-CELLS = [
-    ("md", """
-# 03 · Evaluation: resistance and utility of each defense, with the same data and judge
+# %% [markdown]
+# # 03 · Evaluation: resistance and utility of each defense, with the same data and judge
+#
+# Every defense answers the same records with greedy decoding; each number below says which
+# judge, data and model produced it. Defenses:
+#
+# | name | text part | image part |
+# |---|---|---|
+# | `none` | — | — |
+# | `adashield_s` | AdaShield-S static prompt, `query + prompt + query` | — |
+# | `adashield_a` | AdaShield-A: retrieved scenario prompt (> 0.7), `query + prompt + query` | — |
+# | `uniguard` | UniGuard suffix | refusal-trained noise, not UniGuard's objective (`uniguard`) |
+# | `uniguard_published` | UniGuard suffix | UniGuard's corpus-trained noise, `uniguard_published` |
+# | `davsp` | DAVSP safety prefix | trained border (`<training_dir>/davsp`) |
+# | `da_only` | DAVSP safety prefix | DA-trained additive noise (`da_noise`): no border |
+# | `vsp_only` | DAVSP safety prefix | border trained with the output loss only (`vsp_output`) |
+# | `davsp_prefix` | DAVSP safety prefix | — (the text part alone: what the border adds) |
+# | `esiii` | ESIII text instruction | ESIII defensive image fused with the user image (`esiii`) |
+# | `pat` | PAT control: a GCG-tuned token prefix (`pat`) | — |
+#
+# A trained defense whose artifact is not in `training_dir` is skipped with a note, so this
+# notebook runs before training exists. Generation is resumable: responses go to one JSON-lines
+# file per defense under `output_dir/responses/`; rerunning continues where a run stopped.
+#
+# **Metrics.** RSR = 1 - unsafe rate among malicious records (per benchmark; MM-SafetyBench per
+# scenario, with its harmful scenarios apart from the lobbying / legal / financial / health /
+# government ones, whose reference judging asks for caution rather than harmlessness). Utility:
+# refusal rate on benign records (refusal strings), MM-Vet with a *local string scorer* (not the
+# GPT-4 grader), and how close defended answers stay to the undefended ones on benign inputs.
+# Projections `v_l . h_l` of every input on the harmfulness vector (notebook 01) are read from the
+# same forward that generates. Rates carry Wilson 95 % intervals: the samples are small.
 
-Every defense answers the same records with greedy decoding; each number below says which
-judge, data and model produced it. Defenses:
+# %% [markdown]
+# ## Data (decided here)
+#
+# Malicious: FigStep SafeBench images (mirror; stratified over its 10 categories), MM-SafetyBench
+# TYPO (key phrase rendered by our renderer, stratified over its 13 scenarios), and text-prompts
+# `harmful_val` instructions rendered FigStep-style. Benign: text-prompts `harmless_val` rendered
+# FigStep-style, and MM-Vet questions (by default those needing OCR: the embedded model reads
+# text in images, it cannot see photographs). Records listed as training data of a loaded
+# safety prompt (`data_ids` in its metadata), as AdaShield-A's pool anchors or as the vector's
+# data are dropped. Notebook 01 used some
+# `harmful_val` / `harmless_val` instructions as held-out data to choose its layer and margins
+# (not to fit anything the border learns from). Without the mirror: the built-in set, rendered
+# FigStep-style.
 
-| name | text part | image part |
-|---|---|---|
-| `none` | — | — |
-| `adashield_s` | AdaShield-S static prompt, `query + prompt + query` | — |
-| `adashield_a` | AdaShield-A: retrieved scenario prompt (> 0.7), `query + prompt + query` | — |
-| `uniguard` | UniGuard suffix | refusal-trained noise, not UniGuard's objective (`uniguard`) |
-| `uniguard_published` | UniGuard suffix | UniGuard's corpus-trained noise (`uniguard_published`) |
-| `davsp` | DAVSP safety prefix | trained border (`<training_dir>/davsp`) |
-| `da_only` | DAVSP safety prefix | DA-trained additive noise (`da_noise`): no border |
-| `vsp_only` | DAVSP safety prefix | border trained with the output loss only (`vsp_output`) |
-| `davsp_prefix` | DAVSP safety prefix | — (the text part alone: what the border adds) |
-| `esiii` | ESIII text instruction | ESIII defensive image fused with the user image (`esiii`) |
-| `pat` | PAT control: a GCG-tuned token prefix (`pat`) | — |
-
-A trained defense whose artifact is not in `training_dir` is skipped with a note, so this
-notebook runs before training exists. Generation is resumable: responses go to one JSON-lines
-file per defense under `output_dir/responses/`; rerunning continues where a run stopped.
-
-**Metrics.** RSR = 1 - unsafe rate among malicious records (per benchmark; MM-SafetyBench per
-scenario, with its harmful scenarios apart from the lobbying / legal / financial / health /
-government ones, whose reference judging asks for caution rather than harmlessness). Utility:
-refusal rate on benign records (refusal strings), MM-Vet with a *local string scorer* (not the
-GPT-4 grader), and how close defended answers stay to the undefended ones on benign inputs.
-Projections `v_l . h_l` of every input on the harmfulness vector (notebook 01) are read from the
-same forward that generates. Rates carry Wilson 95 % intervals: the samples are small.
-"""),
-    ("md", """
-## Data (decided here)
-
-Malicious: FigStep SafeBench images (mirror; stratified over its 10 categories), MM-SafetyBench
-TYPO (key phrase rendered by our renderer, stratified over its 13 scenarios), and text-prompts
-`harmful_val` instructions rendered FigStep-style. Benign: text-prompts `harmless_val` rendered
-FigStep-style, and MM-Vet questions (by default those needing OCR: the embedded model reads
-text in images, it cannot see photographs). Records listed as training data of a loaded
-safety prompt (`data_ids` in its metadata), as AdaShield-A's pool anchors or as the vector's
-data are dropped. Notebook 01 used some
-`harmful_val` / `harmless_val` instructions as held-out data to choose its layer and margins
-(not to fit anything the border learns from). Without the mirror: the built-in set, rendered
-FigStep-style.
-"""),
-    ("parameters", """
+# %% tags=["parameters"]
 # Parameters (papermill)
 model: str = "tiny"  # "tiny"/"small" (embedded default) or a LLaVA-1.5 / Qwen2-VL id or folder
 dtype: str = "auto"  # model dtype: auto, float32, bfloat16, float16. auto: a bfloat16 LM
@@ -75,14 +81,15 @@ n_examples: int = 3  # example responses shown per label
 seed: int = 0
 output_dir: str = "runs/interactive/03_evaluation"  # results.json, responses/, verdicts/
 figures_dir: str = "figures/03_evaluation"  # PNG + SVG
-"""),
-    ("code", """
+
+# %%
 import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from IPython.display import display
 from PIL import Image
 
 from davsp_lib import adashield, datasets, evaluation, judges, metrics, plots, vectors
@@ -93,36 +100,20 @@ from davsp_lib.errors import DataError
 from davsp_lib.images import record_image, to_tensor
 from davsp_lib.io import atomic_write_json, atomic_write_text
 
-nb.check_common(
-    model=model, dtype=dtype, device=device, data_root=data_root, use_mirror=use_mirror,
-    vector_path=vector_path, batch_size=batch_size, seed=seed,
+counts = ("n_figstep", "n_mmsb", "n_harmful_val", "n_harmless_val", "n_mmvet", "n_examples")
+parameters = nb.parameters(
+    globals(), __annotations__, **dict.fromkeys(counts, nb.at_least(0)),
+    pools=nb.one_of("", *pools_lib.PRESET_POOLS), max_new_tokens=nb.between(1, 4096),
+    judge_template=nb.one_of(*judges.TEMPLATES),
 )
-nb.check("pools", pools, str, choices=["", *pools_lib.PRESET_POOLS])
-nb.check("training_dir", training_dir, str)
-nb.check("defenses", defenses, str)
 defense_names = [name.strip() for name in defenses.split(",") if name.strip()]
 if not defense_names:
     raise nb.ParameterError("parameter 'defenses' names no defense")
 for name in defense_names:
     nb.check("defenses", name, str, choices=list(evaluation.DEFENSES))
-for name in ("n_figstep", "n_mmsb", "n_harmful_val", "n_harmless_val", "n_mmvet"):
-    nb.check(name, globals()[name], int, minimum=0)
-nb.check("mmvet_capability", mmvet_capability, str)
-nb.check("max_new_tokens", max_new_tokens, int, minimum=1, maximum=4096)
-nb.check("judge_specs", judge_specs, str)
-nb.check("judge_template", judge_template, str, choices=list(judges.TEMPLATES))
-nb.check("n_examples", n_examples, int, minimum=0)
 output_dir, figures_dir = Path(output_dir), Path(figures_dir)
-parameters = dict(
-    model=model, dtype=dtype, device=device, data_root=data_root, use_mirror=use_mirror,
-    pools=pools, vector_path=vector_path, training_dir=training_dir, defenses=defenses,
-    n_figstep=n_figstep,
-    n_mmsb=n_mmsb, n_harmful_val=n_harmful_val, n_harmless_val=n_harmless_val, n_mmvet=n_mmvet,
-    mmvet_capability=mmvet_capability, batch_size=batch_size, max_new_tokens=max_new_tokens,
-    judge_specs=judge_specs, judge_template=judge_template, n_examples=n_examples, seed=seed,
-)
-"""),
-    ("code", """
+
+# %%
 start_all = time.perf_counter()
 adapter = load_adapter(model, dtype=dtype, device_map=device or None)
 model_id = adapter.info()["model_id"]
@@ -144,8 +135,8 @@ for name, reason in skipped.items():
     print(f"note: defense {name!r} skipped: {reason}")
 labels = {d.name: d.label for d in chosen}
 print(f"{model_id}: defenses {list(labels)}")
-"""),
-    ("code", """
+
+# %%
 mirror_root = nb.mirror_root(use_mirror, data_root)
 
 
@@ -206,14 +197,15 @@ n_mal, n_ben = pooled.n_malicious, pooled.n_benign
 if n_mal == 0 or n_ben == 0:
     raise nb.ParameterError("need malicious and benign records; raise the n_* parameters")
 print(sizes, f"-> {n_mal} malicious + {n_ben} benign")
-"""),
-    ("md", """
-## What the model is given
 
-One malicious image as each image defense delivers it (the canvas after placement and the
-safety prompt) and, for the embedded model, what its reader perceives (title).
-"""),
-    ("code", """
+
+# %% [markdown]
+# ## What the model is given
+#
+# One malicious image as each image defense delivers it (the canvas after placement and the
+# safety prompt) and, for the embedded model, what its reader perceives (title).
+
+# %%
 def to_pil(canvas):
     return Image.fromarray(
         (canvas.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy())
@@ -226,18 +218,18 @@ for defense in [d for d in chosen if d.name == "none" or d.vsp is not None]:
     canvas = defense.apply(defense.placer(adapter)(raw)[None])
     pictures.append(to_pil(canvas[0]))
     seen = adapter.perceive(canvas)[0]  # empty unless the model's visual input is text
-    titles.append(f"{defense.name}\\n{seen[:48]}")
+    titles.append(f"{defense.name}\n{seen[:48]}")
 if pictures:
     fig = plots.image_grid(pictures, titles, ncols=min(4, len(pictures)),
                            suptitle=f"{example.id}: the model's input per image defense")
     nb.save_figure(fig, figures_dir, "defended_inputs")
-"""),
-    ("md", """
-## Generation
 
-Greedy, batched, `max_new_tokens` new tokens, one resumable JSON-lines file per defense.
-"""),
-    ("code", """
+# %% [markdown]
+# ## Generation
+#
+# Greedy, batched, `max_new_tokens` new tokens, one resumable JSON-lines file per defense.
+
+# %%
 responses, seconds = {}, {}
 for defense in chosen:
     start = time.perf_counter()
@@ -247,13 +239,13 @@ for defense in chosen:
     )
     seconds[defense.name] = round(time.perf_counter() - start, 1)
 print("generation seconds per defense:", seconds)
-"""),
-    ("md", """
-AdaShield-A (when evaluated): per benchmark, the share of inputs whose best pool entry exceeded
-the threshold (so its prompt was applied), the mean best similarity, and on MM-SafetyBench how
-often the retrieved scenario was the record's own.
-"""),
-    ("code", """
+
+# %% [markdown]
+# AdaShield-A (when evaluated): per benchmark, the share of inputs whose best pool entry exceeded
+# the threshold (so its prompt was applied), the mean best similarity, and on MM-SafetyBench how
+# often the retrieved scenario was the record's own.
+
+# %%
 retrieval = {}
 for defense in chosen:
     if isinstance(defense.rewrite, adashield.AdaShieldRewrite):
@@ -265,15 +257,15 @@ for defense in chosen:
             ["n", "applied_share", "mean_similarity", "same_scenario_share"]])
 if not retrieval:
     print("AdaShield-A not evaluated")
-"""),
-    ("md", """
-## Judging
 
-The first judge in `judge_specs` is the primary one (table and charts); the others are compared
-with it below. Refusal-string judges read "did not refuse" as unsafe. Benign refusals are always
-counted with refusal strings (the primary list if it is one, else JailbreakBench's).
-"""),
-    ("code", """
+# %% [markdown]
+# ## Judging
+#
+# The first judge in `judge_specs` is the primary one (table and charts); the others are compared
+# with it below. Refusal-string judges read "did not refuse" as unsafe. Benign refusals are always
+# counted with refusal strings (the primary list if it is one, else JailbreakBench's).
+
+# %%
 judge_list, judge_notes = [], []
 for spec in [s.strip() for s in judge_specs.split(",") if s.strip()]:
     try:
@@ -301,8 +293,8 @@ for judge in [*judge_list, *([refusals] if refusals not in judge_list else [])]:
                       for (n, rows), found in zip(responses.items(),
                                                   verdicts[judge.name].values(), strict=True)}},
     )
-"""),
-    ("code", """
+
+# %%
 references = {r.id: r.reference for r in records if r.reference}
 summary = {}
 for name, rows in responses.items():
@@ -345,8 +337,8 @@ frame = pd.DataFrame(table).fillna("")
 print(f"{model_id}; RSR judge {primary.name}, benign refusals {refusals.name}; percent; "
       f"greedy, {max_new_tokens} new tokens")
 frame
-"""),
-    ("code", """
+
+# %%
 scenarios = {
     labels[name]: {key.split("/", 1)[1]: f"{pct(v['rsr'])} ({v['n']})"
                    for key, v in s["resistance"].items()
@@ -356,11 +348,11 @@ scenarios = {
 if any(scenarios.values()):
     print(f"MM-SafetyBench TYPO: RSR per scenario, percent (n); judge {primary.name}")
     display(pd.DataFrame(scenarios).fillna(""))
-"""),
-    ("md", """
-## RSR and utility per defense
-"""),
-    ("code", """
+
+# %% [markdown]
+# ## RSR and utility per defense
+
+# %%
 names = list(summary)
 width = 0.8 / len(names)
 fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [3, 2]})
@@ -373,7 +365,7 @@ for i, name in enumerate(names):
     left.bar(np.arange(len(groups)) + i * width, values, width, yerr=errors, capsize=2,
              color=plt.cm.tab10(i), label=labels[name])
 left.set_xticks(np.arange(len(groups)) + 0.4 - width / 2,
-                [g.replace(" (", "\\n(") for g in groups], fontsize=8)
+                [g.replace(" (", "\n(") for g in groups], fontsize=8)
 left.set_ylim(0, 1.05)
 left.set_ylabel(f"RSR = 1 - unsafe rate [{primary.name}] (Wilson 95 % CI)")
 left.set_title(f"resistance, judge {primary.name}", fontsize=10)
@@ -394,14 +386,14 @@ fig.suptitle(f"{model_id}: {n_mal} malicious, {n_ben} benign records, "
              f"{max_new_tokens} new tokens", fontsize=10)
 fig.tight_layout()
 nb.save_figure(fig, figures_dir, "rsr_utility")
-"""),
-    ("md", """
-## Projections on the harmfulness vector, before and after each defense
 
-Outline: no defense; filled: the defense. DAVSP trains the border to push malicious inputs
-above `mu_plus` and keep benign ones below `mu_minus`.
-"""),
-    ("code", """
+# %% [markdown]
+# ## Projections on the harmfulness vector, before and after each defense
+#
+# Outline: no defense; filled: the defense. DAVSP trains the border to push malicious inputs
+# above `mu_plus` and keep benign ones below `mu_minus`.
+
+# %%
 if vector is None:
     print("no harmfulness vector: projection histograms skipped")
 else:
@@ -428,13 +420,13 @@ else:
     fig.suptitle(f"{model_id}: projections per defense (outline: no defense)", fontsize=10)
     fig.tight_layout()
     nb.save_figure(fig, figures_dir, "projections")
-"""),
-    ("md", """
-## Example responses, side by side
 
-Malicious rows: the primary judge's verdict; benign rows: whether the answer is a refusal.
-"""),
-    ("code", """
+# %% [markdown]
+# ## Example responses, side by side
+#
+# Malicious rows: the primary judge's verdict; benign rows: whether the answer is a refusal.
+
+# %%
 pd.set_option("display.max_colwidth", 80)
 examples = {}
 for label in ("malicious", "benign"):
@@ -449,19 +441,19 @@ for label in ("malicious", "benign"):
             line[labels[name]] = f"[{tag}] {rows[index]['response']}"
         examples[record.id] = line
 example_frame = pd.DataFrame(examples).T
-atomic_write_text(output_dir / "examples.txt", example_frame.to_string() + "\\n")
+atomic_write_text(output_dir / "examples.txt", example_frame.to_string() + "\n")
 example_frame
-"""),
-    ("md", """
-## Judge agreement
 
-On the project's hand-labelled responses (`data/judging/labelled_responses.json`, 48 items:
-refusals with and without the usual strings, harmful compliance, compliance that mentions
-"illegal", FigStep-style lists, benign answers): each judge against the labels (raw agreement,
-Cohen's kappa, and the AUROC of its score). Then each pair of judges on the generated
-malicious responses of all defenses.
-"""),
-    ("code", """
+# %% [markdown]
+# ## Judge agreement
+#
+# On the project's hand-labelled responses (`data/judging/labelled_responses.json`, 48 items:
+# refusals with and without the usual strings, harmful compliance, compliance that mentions
+# "illegal", FigStep-style lists, benign answers): each judge against the labels (raw agreement,
+# Cohen's kappa, and the AUROC of its score). Then each pair of judges on the generated
+# malicious responses of all defenses.
+
+# %%
 on_labels = judges.agreement_on_labelled(judge_list, judges.load_labelled())
 print(f"hand-labelled sample: {on_labels['n']} responses, {on_labels['n_unsafe']} unsafe")
 display(pd.DataFrame(on_labels["vs_labels"]).T[["raw_agreement", "cohen_kappa", "auroc"]])
@@ -478,8 +470,8 @@ on_generated = {
 }
 if on_generated:
     display(pd.DataFrame(on_generated).T[["n", "raw_agreement", "cohen_kappa"]])
-"""),
-    ("code", """
+
+# %%
 rsr = {n: s["resistance"][ALL_M]["rsr"] for n, s in summary.items()}
 refusal_rate = {n: s["benign_refusals"][ALL_B]["rate"] for n, s in summary.items()}
 shown = [n for n in ("none", "adashield_s", "davsp_prefix", "davsp") if n in rsr] or list(rsr)
@@ -516,5 +508,3 @@ results = {
 nb.write_results(output_dir / "results.json", notebook="03_evaluation", parameters=parameters,
                  results=results, headline=headline)
 print(headline)
-"""),
-]

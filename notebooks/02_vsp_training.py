@@ -1,43 +1,49 @@
-"""Cells of notebook 02_vsp_training (see scripts/make_notebooks.py)."""
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-# fmt: off
-CELLS = [
-    ("md", """
-# 02 · Training the Visual Safety Prompt with Deep Alignment
+# %% [markdown]
+# # 02 · Training the Visual Safety Prompt with Deep Alignment
+#
+# The model stays frozen; only a border of width `p` around every input image trains. The user
+# image is padded to a square (white) and resized into the inner window; the border replaces the
+# ring around it (image pixels are never perturbed). The border lives in pixel space; it starts
+# white, black or at the model's normalisation mean (`border_start`; the reference: the mean,
+# i.e. zeros in normalised space) and is clamped to [0, 1] after every step or not
+# (`border_clamp`; the reference never clamps). The model's own normalisation is applied after
+# composition.
+#
+# Loss per step (one forward serves both terms):
+#
+# - **Deep Alignment** — the hinge on the projection `s = v_l · h_l` of the last input token onto
+#   the harmfulness vector from notebook 01: malicious inputs above `mu_plus`, benign below
+#   `mu_minus`;
+# - **output loss** — `lam` × cross-entropy of the benign reference answers (where a dataset has
+#   none: the model's own undefended answers), so benign behaviour is kept; with probability
+#   `malicious_output_p` (reference 0.05, drawn in the seeded batch plan) a malicious batch also
+#   gets it, on a refusal target. `answer_eos=False` leaves the end-of-sequence token out of the
+#   targets, as the reference does; MM-Vet's `<AND>`/`<OR>` scoring markers never reach a target.
+#
+# A step that needs only the projection stops the forward at layer `l`. The same code trains the
+# ablations and the UniGuard baseline that notebook 03 compares: `da_noise` (DA with additive noise
+# over the whole image, no padding), `vsp_output` (border with the output loss only: a refusal on
+# malicious inputs, the reference answer on benign ones) and `uniguard` (ε-bounded additive noise
+# trained to make the model refuse malicious inputs). Two more baselines of the paper's table train
+# in their own modules: `esiii` (`davsp_lib.esiii`: a defensive image optimised from a blank start
+# so that the model describes it as a corpus of security instructions; at inference it is fused with
+# the user image and a text instruction goes with the query) and `pat` (`davsp_lib.pat`: Prompt
+# Adversarial Tuning, a token prefix tuned by GCG against a GCG attacker). `adashield_a`
+# (`davsp_lib.adashield`) trains nothing: it embeds the MM-SafetyBench TYPO records of the training
+# data (all-MiniLM-L6-v2 in place of CLIP) as AdaShield-A's retrieval pool, one defense prompt per
+# scenario; it needs such records (`pools`), and asking for it without them is an error.
 
-The model stays frozen; only a border of width `p` around every input image trains. The user
-image is padded to a square (white) and resized into the inner window; the border replaces the
-ring around it (image pixels are never perturbed). The border lives in pixel space; it starts
-white, black or at the model's normalisation mean (`border_start`; the reference: the mean,
-i.e. zeros in normalised space) and is clamped to [0, 1] after every step or not
-(`border_clamp`; the reference never clamps). The model's own normalisation is applied after
-composition.
-
-Loss per step (one forward serves both terms):
-
-- **Deep Alignment** — the hinge on the projection `s = v_l · h_l` of the last input token onto
-  the harmfulness vector from notebook 01: malicious inputs above `mu_plus`, benign below
-  `mu_minus`;
-- **output loss** — `lam` × cross-entropy of the benign reference answers (where a dataset has
-  none: the model's own undefended answers), so benign behaviour is kept; with probability
-  `malicious_output_p` (reference 0.05, drawn in the seeded batch plan) a malicious batch also
-  gets it, on a refusal target. `answer_eos=False` leaves the end-of-sequence token out of the
-  targets, as the reference does; MM-Vet's `<AND>`/`<OR>` scoring markers never reach a target.
-
-A step that needs only the projection stops the forward at layer `l`. The same code trains the
-ablations and the UniGuard baseline that notebook 03 compares: `da_noise` (DA with additive noise
-over the whole image, no padding), `vsp_output` (border with the output loss only: a refusal on
-malicious inputs, the reference answer on benign ones) and `uniguard` (ε-bounded additive noise
-trained to make the model refuse malicious inputs). Two more baselines of the paper's table train
-in their own modules: `esiii` (`davsp_lib.esiii`: a defensive image optimised from a blank start
-so that the model describes it as a corpus of security instructions; at inference it is fused with
-the user image and a text instruction goes with the query) and `pat` (`davsp_lib.pat`: Prompt
-Adversarial Tuning, a token prefix tuned by GCG against a GCG attacker). `adashield_a`
-(`davsp_lib.adashield`) trains nothing: it embeds the MM-SafetyBench TYPO records of the training
-data (all-MiniLM-L6-v2 in place of CLIP) as AdaShield-A's retrieval pool, one defense prompt per
-scenario; it needs such records (`pools`), and asking for it without them is an error.
-"""),
-    ("parameters", """
+# %% tags=["parameters"]
 # Parameters (papermill)
 model: str = "tiny"  # "tiny"/"small" (embedded default) or a LLaVA-1.5 / Qwen2-VL id or folder
 dtype: str = "auto"  # model dtype: auto, float32, bfloat16, float16. auto: a bfloat16 LM
@@ -57,7 +63,7 @@ n_train: int = 32  # training records per class
 n_heldout: int = 16  # held-out records per class (projections before/after)
 n_mmvet: int = 0  # MM-Vet photos added to the benign training side (reference answers)
 safety_prefix: bool = True  # DAVSP's text safety prefix in every prompt, as in the reference
-variants: list = ["davsp", "da_noise", "vsp_output", "uniguard", "esiii", "pat"]  # davsp first
+variants: list[str] = ["davsp", "da_noise", "vsp_output", "uniguard", "esiii", "pat"]  # davsp first
 # (also "uniguard_published"; "adashield_a": needs MM-SafetyBench TYPO training records: pools)
 steps: int = 60  # optimisation steps of the DAVSP border
 ablation_steps: int = 30  # steps of the other variants
@@ -87,9 +93,8 @@ snapshots: int = 4  # border snapshots shown along the run
 seed: int = 0
 output_dir: str = "runs/interactive/02_vsp_training"  # <variant>.safetensors/.json + checkpoints
 figures_dir: str = "figures/02_vsp_training"  # PNG + SVG
-"""),
-    ("code", """
-import time
+
+# %%
 from collections import Counter
 from pathlib import Path
 
@@ -102,66 +107,27 @@ from davsp_lib import pools as pools_lib
 from davsp_lib.adapters import load_adapter
 from davsp_lib.vsp import VisualSafetyPrompt, default_width
 
-nb.check_common(
-    model=model, dtype=dtype, device=device, vector_path=vector_path, data_root=data_root,
-    use_mirror=use_mirror, batch_size=batch_size, seed=seed,
+positive = ("steps", "ablation_steps", "answer_tokens", "checkpoint_every", "esiii_steps",
+            "uniguard_steps", "pat_steps", "pat_control_len", "pat_candidates", "pat_topk",
+            "pat_batch_size", "n_train", "n_heldout")
+parameters = nb.parameters(
+    globals(), __annotations__, **dict.fromkeys(positive, nb.at_least(1)),
+    layer_choice=nb.one_of("data", "reference"), pools=nb.one_of("", *pools_lib.PRESET_POOLS),
+    malicious_output_p=nb.between(0.0, 1.0), border_start=nb.one_of("white", "zeros", "mean"),
+    layer=nb.at_least(-1), n_mmvet=nb.at_least(0), width=nb.at_least(0),
+    variants=nb.one_of(*sorted(training.VARIANTS), "pat", uniguard.VARIANT, adashield.VARIANT),
+    optimizer=nb.one_of("adam", "sign"), lr=nb.at_least(1e-8), lam=nb.at_least(0.0),
+    schedule=nb.one_of("alternate", "mix", "random"), epsilon=nb.between(1e-6, 1.0),
+    esiii_step_size=nb.at_least(1e-8), esiii_epsilon=nb.between(1e-6, 1.0),
+    snapshots=nb.between(1, 8),
 )
-nb.check("layer_choice", layer_choice, str, choices=["data", "reference"])
-nb.check("pools", pools, str, choices=["", *pools_lib.PRESET_POOLS])
-nb.check("malicious_output_p", malicious_output_p, float, minimum=0.0, maximum=1.0)
-nb.check("answer_eos", answer_eos, bool)
-nb.check("border_start", border_start, str, choices=["white", "zeros", "mean"])
-nb.check("border_clamp", border_clamp, bool)
-nb.check("layer", layer, int, minimum=-1)
-nb.check("margins_from_vector", margins_from_vector, bool)
-nb.check("mu_plus", mu_plus, float)
-nb.check("mu_minus", mu_minus, float)
-nb.check("n_train", n_train, int, minimum=1)
-nb.check("n_heldout", n_heldout, int, minimum=1)
-nb.check("n_mmvet", n_mmvet, int, minimum=0)
-nb.check("safety_prefix", safety_prefix, bool)
-nb.check("variants", variants, list)
-for variant in variants:
-    choices = [*sorted(training.VARIANTS), "pat", uniguard.VARIANT, adashield.VARIANT]
-    nb.check("variants[]", variant, str, choices=choices)
 if not set(variants) - {"pat", adashield.VARIANT}:
     raise nb.ParameterError("variants needs at least one image prompt besides 'pat' and "
                             f"{adashield.VARIANT!r}")
-nb.check("steps", steps, int, minimum=1)
-nb.check("ablation_steps", ablation_steps, int, minimum=1)
-nb.check("optimizer", optimizer, str, choices=["adam", "sign"])
-nb.check("lr", lr, float, minimum=1e-8)
-nb.check("lam", lam, float, minimum=0.0)
-nb.check("schedule", schedule, str, choices=["alternate", "mix", "random"])
-nb.check("width", width, int, minimum=0)
-nb.check("epsilon", epsilon, float, minimum=1e-6, maximum=1.0)
-nb.check("answer_tokens", answer_tokens, int, minimum=1)
-for name in ("esiii_steps", "uniguard_steps", "pat_steps", "pat_control_len", "pat_candidates",
-             "pat_topk", "pat_batch_size"):
-    nb.check(name, globals()[name], int, minimum=1)
-nb.check("esiii_step_size", esiii_step_size, float, minimum=1e-8)
-nb.check("esiii_epsilon", esiii_epsilon, float, minimum=1e-6, maximum=1.0)
-nb.check("checkpoint_every", checkpoint_every, int, minimum=1)
-nb.check("snapshots", snapshots, int, minimum=1, maximum=8)
 output_dir, figures_dir = Path(output_dir), Path(figures_dir)
-device = device or ("cuda" if torch.cuda.is_available() else "")
-parameters = dict(
-    model=model, dtype=dtype, device=device, vector_path=vector_path, layer_choice=layer_choice,
-    pools=pools, malicious_output_p=malicious_output_p, answer_eos=answer_eos,
-    border_start=border_start, border_clamp=border_clamp, layer=layer,
-    margins_from_vector=margins_from_vector, mu_plus=mu_plus, mu_minus=mu_minus,
-    data_root=data_root, use_mirror=use_mirror, n_train=n_train, n_heldout=n_heldout,
-    n_mmvet=n_mmvet, safety_prefix=safety_prefix, variants=variants, steps=steps,
-    ablation_steps=ablation_steps, batch_size=batch_size, optimizer=optimizer, lr=lr, lam=lam,
-    schedule=schedule, width=width, epsilon=epsilon, answer_tokens=answer_tokens,
-    checkpoint_every=checkpoint_every, snapshots=snapshots, seed=seed, esiii_steps=esiii_steps,
-    uniguard_steps=uniguard_steps, esiii_step_size=esiii_step_size, esiii_epsilon=esiii_epsilon,
-    pat_steps=pat_steps,
-    pat_control_len=pat_control_len, pat_candidates=pat_candidates, pat_topk=pat_topk,
-    pat_batch_size=pat_batch_size,
-)
-"""),
-    ("code", """
+device = parameters["device"] = device or ("cuda" if torch.cuda.is_available() else "")
+
+# %%
 adapter = load_adapter(model, dtype=dtype, device_map=device or None)
 vector = vectors.HarmfulnessVector.load(vector_path, adapter=adapter)
 found = vector.metadata.get("diagnostics", {})
@@ -185,8 +151,8 @@ other = found.get("data_choice" if layer_choice == "reference" else "reference_c
 print(f"{model_id}: {layer_choice} choice: layer {layer}, margins mu+ {mu_plus:.4g} / "
       f"mu- {mu_minus:.4g} (the other choice: {other}), "
       f"canvas {adapter.image_size}, border {width} px")
-"""),
-    ("code", """
+
+# %%
 mirror_root = nb.mirror_root(use_mirror, data_root)
 vector_ids = [i for ids in vector.metadata.get("data_ids", {}).values() for i in ids]
 pool_info = None
@@ -218,19 +184,19 @@ if adashield.VARIANT in variants:
     print(f"note: AdaShield-A pool anchors: the {len(anchors)} MM-SafetyBench TYPO records of "
           f"the training data ({data.source}), per scenario "
           f"{dict(sorted(Counter(r.category for r in anchors).items()))}")
-"""),
-    ("md", """
-## Training
 
-Each variant trains into `output_dir/<variant>/` (checkpoints; rerunning the notebook resumes
-from the last one and ends with the same border) and is saved as `<variant>.safetensors` +
-`<variant>.json` for notebook 03 (ESIII: its defensive image and text instruction; PAT: the
-tuned control's token ids and text; AdaShield-A: the anchors' retrieval keys, its prompts per
-scenario and the anchor ids, which notebook 03 then leaves out of evaluation). The benign
-targets of the output loss are the model's own *undefended* answers (no prompt, no border),
-generated once and cached in `answers.json`.
-"""),
-    ("code", """
+# %% [markdown]
+# ## Training
+#
+# Each variant trains into `output_dir/<variant>/` (checkpoints; rerunning the notebook resumes
+# from the last one and ends with the same border) and is saved as `<variant>.safetensors` +
+# `<variant>.json` for notebook 03 (ESIII: its defensive image and text instruction; PAT: the
+# tuned control's token ids and text; AdaShield-A: the anchors' retrieval keys, its prompts per
+# scenario and the anchor ids, which notebook 03 then leaves out of evaluation). The benign
+# targets of the output loss are the model's own *undefended* answers (no prompt, no border),
+# generated once and cached in `answers.json`.
+
+# %%
 results_by_variant, trained, texts_of, pat_run = {}, {}, {}, None
 data_ids = {"source": data.source, "ids": {"malicious": [r.id for r in data.malicious],
                                            "benign": [r.id for r in data.benign]}}
@@ -340,28 +306,28 @@ for variant in variants:
         "median_seconds_per_step": float(np.median(per_step)) if per_step else None,
     }
     print(variant, results_by_variant[variant])
-"""),
-    ("md", """
-## Curves
 
-Loss per step, and the mean projection of the step's malicious / benign batch (DA variants) with
-the margins.
-"""),
-    ("code", """
+# %% [markdown]
+# ## Curves
+#
+# Loss per step, and the mean projection of the step's malicious / benign batch (DA variants) with
+# the margins.
+
+# %%
 fig = plots.training_curves(
     {variant: run.history for variant, run in trained.items()}
     | ({"pat": pat_run.history} if pat_run is not None else {}),
     margins=(mu_plus, mu_minus), title=f"{model_id}: training (layer {layer})",
 )
 nb.save_figure(fig, figures_dir, "training_curves")
-"""),
-    ("md", """
-## The border along the run, and a composed input
 
-The border alone (inner window grey) at several steps, then what the model receives: a held-out
-malicious image in the inner window with the trained border around it.
-"""),
-    ("code", """
+# %% [markdown]
+# ## The border along the run, and a composed input
+#
+# The border alone (inner window grey) at several steps, then what the model receives: a held-out
+# malicious image in the inner window with the trained border around it.
+
+# %%
 main_variant = "davsp" if "davsp" in trained else next(v for v in variants if v in trained)
 main = trained[main_variant]
 steps_shown = sorted(main.snapshots)
@@ -378,14 +344,14 @@ fig = plots.image_grid([record_image(example), to_pil(composed)],
                        [f"user image {example.id}", f"model input with the {main_variant} border"],
                        ncols=2)
 nb.save_figure(fig, figures_dir, "composed_input")
-"""),
-    ("md", """
-## Held-out projections before and after
 
-Held-out records never seen in training, with and without each trained prompt (the text safety
-prefix in both; ESIII and PAT with their own text instead).
-"""),
-    ("code", """
+# %% [markdown]
+# ## Held-out projections before and after
+#
+# Held-out records never seen in training, with and without each trained prompt (the text safety
+# prefix in both; ESIII and PAT with their own text instead).
+
+# %%
 held = data.heldout_malicious + data.heldout_benign
 is_mal = np.array([r.is_malicious for r in held])
 blank = VisualSafetyPrompt.blank(adapter.image_size, width)
@@ -421,8 +387,8 @@ groups |= {f"malicious, {main_variant}": after[main_variant][is_mal],
 fig = plots.projection_histograms(groups, margins=(mu_plus, mu_minus), layer=layer,
                                   title=f"{model_id}: held-out projections before / after")
 nb.save_figure(fig, figures_dir, "projections_before_after")
-"""),
-    ("code", """
+
+# %%
 results = {
     "model": adapter.info(),
     "layer": layer,
@@ -452,5 +418,3 @@ headline = (
 nb.write_results(output_dir / "results.json", notebook="02_vsp_training", parameters=parameters,
                  results=results, headline=headline)
 print(headline)
-"""),
-]

@@ -1,57 +1,63 @@
-"""Cells of notebook 01_harmfulness_vector (see scripts/make_notebooks.py)."""
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-# fmt: off
-CELLS = [
-    ("md", """
-# 01 · The harmfulness vector: extraction, layer choice and margins
+# %% [markdown]
+# # 01 · The harmfulness vector: extraction, layer choice and margins
+#
+# DAVSP supervises a frozen model in activation space. For malicious and benign inputs it reads
+# the hidden state of the **last input token** at layer `l`, takes
+# `v_l = unit(mean_malicious - mean_benign)`, and later trains the border so that the projection
+# `s(x) = v_l · h_l(x)` of malicious inputs rises above `mu_plus` while benign ones stay below
+# `mu_minus`. The paper fixes layer 20 of 40 and margins 27 / -2 for LLaVA-1.5-13B. Both choices
+# are offered (`layer_choice`): the reference values, or a layer and margins read off a
+# **selection split** (never the held-out split whose AUROC is reported), so that they fit
+# whichever model is loaded; the other choice is always computed and reported beside.
+#
+# This notebook extracts activations at every requested layer (one batched, truncated forward per
+# batch: the forward stops after the deepest requested layer), fits the vector, scores it per
+# layer on held-out records, chooses a layer, suggests margins, measures how much harder a
+# FigStep-style image attack is to separate than the same instruction as text, and saves the
+# vector (safetensors + JSON) for the training notebook.
 
-DAVSP supervises a frozen model in activation space. For malicious and benign inputs it reads
-the hidden state of the **last input token** at layer `l`, takes
-`v_l = unit(mean_malicious - mean_benign)`, and later trains the border so that the projection
-`s(x) = v_l · h_l(x)` of malicious inputs rises above `mu_plus` while benign ones stay below
-`mu_minus`. The paper fixes layer 20 of 40 and margins 27 / -2 for LLaVA-1.5-13B. Both choices
-are offered (`layer_choice`): the reference values, or a layer and margins read off a
-**selection split** (never the held-out split whose AUROC is reported), so that they fit
-whichever model is loaded; the other choice is always computed and reported beside.
+# %% [markdown]
+# ## Data (decided here)
+#
+# - **Vector split**: *easy* malicious instructions (text-prompts `harmful_train`) against benign
+#   ones (`harmless_train`), the instruction in the **text query over a blank white image**. A
+#   blank image rather than a text-only turn because every input DAVSP sees later carries an image
+#   (the border lives on it): with a blank image the prompt template (image block, border slots,
+#   safety prefix) is exactly that of an image input, so the direction does not also encode
+#   "image present vs absent", and the held-out FigStep inputs differ from the easy ones only in
+#   *where* the instruction is.
+# - **Held-out**: easy malicious from `harmful_val` (same format); **hard** malicious = the same
+#   `harmful_val` instructions rendered FigStep-style with FigStep's prompt as the query; benign
+#   from `harmless_val` in both formats (text over a blank image, and rendered FigStep-style).
+# - **Topic-matched pairs**: the project's own built-in instructions (never in the vector split):
+#   each harmful request has a benign one on the same topic ("pick a lock to break in" / "pick the
+#   lock of my own shed"), as text over a blank image and as FigStep images. They check that a
+#   layer separates *harm*, not topic or style (the text-prompt splits differ in both), and show
+#   the modality gap.
+# - Without the benchmark mirror, the built-in dataset is split instead (per class, seeded,
+#   group-aware) and the modality-gap set is its held-out part.
+# - **Selection split** (chooses the layer and the margins): further `harmful_train` /
+#   `harmless_train` instructions the vector did not use (text over a blank image, and rendered
+#   FigStep-style), plus the topic-matched pairs. The held-out split is only reported.
+# - **`pools="paper"`** replaces all of the above by the paper's disjoint pools
+#   (`davsp_lib.pools`): vector = VLGuard 470 + 470 instructions (text over a blank image: the
+#   mirror has no VLGuard images), selection = 100 + 100 more VLGuard and 100 MM-SafetyBench
+#   TYPO images, held-out = `n_heldout` per part of the evaluation pool (VLGuard test text,
+#   MM-SafetyBench TYPO, MM-Vet). A pool that cannot supply what is asked is an error.
+# - The DAVSP text safety prefix is in every prompt (`safety_prefix`), as in the reference
+#   extraction script (`vector/extract_hs.py` prepends it), since the vector is used with it.
 
-This notebook extracts activations at every requested layer (one batched, truncated forward per
-batch: the forward stops after the deepest requested layer), fits the vector, scores it per
-layer on held-out records, chooses a layer, suggests margins, measures how much harder a
-FigStep-style image attack is to separate than the same instruction as text, and saves the
-vector (safetensors + JSON) for the training notebook.
-"""),
-    ("md", """
-## Data (decided here)
-
-- **Vector split**: *easy* malicious instructions (text-prompts `harmful_train`) against benign
-  ones (`harmless_train`), the instruction in the **text query over a blank white image**. A
-  blank image rather than a text-only turn because every input DAVSP sees later carries an image
-  (the border lives on it): with a blank image the prompt template (image block, border slots,
-  safety prefix) is exactly that of an image input, so the direction does not also encode
-  "image present vs absent", and the held-out FigStep inputs differ from the easy ones only in
-  *where* the instruction is.
-- **Held-out**: easy malicious from `harmful_val` (same format); **hard** malicious = the same
-  `harmful_val` instructions rendered FigStep-style with FigStep's prompt as the query; benign
-  from `harmless_val` in both formats (text over a blank image, and rendered FigStep-style).
-- **Topic-matched pairs**: the project's own built-in instructions (never in the vector split):
-  each harmful request has a benign one on the same topic ("pick a lock to break in" / "pick the
-  lock of my own shed"), as text over a blank image and as FigStep images. They check that a
-  layer separates *harm*, not topic or style (the text-prompt splits differ in both), and show
-  the modality gap.
-- Without the benchmark mirror, the built-in dataset is split instead (per class, seeded,
-  group-aware) and the modality-gap set is its held-out part.
-- **Selection split** (chooses the layer and the margins): further `harmful_train` /
-  `harmless_train` instructions the vector did not use (text over a blank image, and rendered
-  FigStep-style), plus the topic-matched pairs. The held-out split is only reported.
-- **`pools="paper"`** replaces all of the above by the paper's disjoint pools
-  (`davsp_lib.pools`): vector = VLGuard 470 + 470 instructions (text over a blank image: the
-  mirror has no VLGuard images), selection = 100 + 100 more VLGuard and 100 MM-SafetyBench
-  TYPO images, held-out = `n_heldout` per part of the evaluation pool (VLGuard test text,
-  MM-SafetyBench TYPO, MM-Vet). A pool that cannot supply what is asked is an error.
-- The DAVSP text safety prefix is in every prompt (`safety_prefix`), as in the reference
-  extraction script (`vector/extract_hs.py` prepends it), since the vector is used with it.
-"""),
-    ("parameters", """
+# %% tags=["parameters"]
 # Parameters (papermill)
 model: str = "tiny"  # "tiny"/"small" (embedded default) or a LLaVA-1.5 / Qwen2-VL id or folder
 dtype: str = "auto"  # model dtype: auto, float32, bfloat16, float16. auto: a bfloat16 LM
@@ -75,53 +81,37 @@ interactive: bool = True  # show the ipywidgets layer slider (the pipeline runs 
 seed: int = 0
 output_dir: str = "runs/interactive/01_harmfulness_vector"  # results.json + vector files
 figures_dir: str = "figures/01_harmfulness_vector"  # PNG + SVG
-"""),
-    ("code", """
+
+# %%
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from davsp_lib import datasets, diagnostics, plots, prompts, recipe, vectors
+from davsp_lib import diagnostics, plots, prompts, recipe, vectors
 from davsp_lib import notebook as nb
 from davsp_lib import pools as pools_lib
 from davsp_lib.adapters import load_adapter
 from davsp_lib.errors import DataError
 
-nb.check_common(
-    model=model, dtype=dtype, device=device, data_root=data_root, use_mirror=use_mirror,
-    batch_size=batch_size, seed=seed,
+parameters = nb.parameters(
+    globals(), __annotations__, pools=nb.one_of("", *pools_lib.PRESET_POOLS),
+    layer_choice=nb.one_of(*recipe.LAYER_CHOICES), n_vector=nb.at_least(2),
+    n_heldout=nb.at_least(2), n_gap=nb.at_least(1), tolerance=nb.between(0.0, 0.5),
+    q_plus=nb.between(0.0, 1.0), q_minus=nb.between(0.0, 1.0),
 )
-nb.check("pools", pools, str, choices=["", *pools_lib.PRESET_POOLS])
-nb.check("layer_choice", layer_choice, str, choices=list(recipe.LAYER_CHOICES))
-nb.check("n_vector", n_vector, int, minimum=2)
-nb.check("n_heldout", n_heldout, int, minimum=2)
-nb.check("n_gap", n_gap, int, minimum=1)
-nb.check("layers", layers, str)
-nb.check("safety_prefix", safety_prefix, bool)
-nb.check("tolerance", tolerance, float, minimum=0.0, maximum=0.5)
-nb.check("q_plus", q_plus, float, minimum=0.0, maximum=1.0)
-nb.check("q_minus", q_minus, float, minimum=0.0, maximum=1.0)
-nb.check("interactive", interactive, bool)
 output_dir, figures_dir = Path(output_dir), Path(figures_dir)
-parameters = dict(
-    model=model, dtype=dtype, device=device, data_root=data_root, use_mirror=use_mirror,
-    pools=pools, layer_choice=layer_choice, n_vector=n_vector, n_heldout=n_heldout, n_gap=n_gap,
-    layers=layers,
-    safety_prefix=safety_prefix, tolerance=tolerance, q_plus=q_plus, q_minus=q_minus,
-    batch_size=batch_size, interactive=interactive, seed=seed,
-)
-"""),
-    ("code", """
+
+# %%
 adapter = load_adapter(model, dtype=dtype, device_map=device or None)
 layer_list = vectors.parse_layers(layers, adapter.num_layers)
 if max(layer_list) == 0:
     raise nb.ParameterError("parameter 'layers' needs a layer > 0 (layer 0 is the embeddings)")
 model_id = adapter.info()["model_id"]
 print(f"{model_id}: {adapter.num_layers} layers x {adapter.hidden_size}; layers {layer_list}")
-"""),
-    ("code", """
+
+# %%
 mirror_root = nb.mirror_root(use_mirror, data_root)
 pool_info = None
 if pools:
@@ -145,14 +135,14 @@ if safety_prefix:
         print(f"no safety prefix available ({error}); prompts carry none")
 for name, size in data.sizes().items():
     print(f"{name:>13}: {size}")
-"""),
-    ("md", """
-## Extraction
 
-Every part goes through `vectors.extract`: batched, `torch.no_grad`, last input token, all
-requested layers in one forward, stored in float64. Text records get the blank white image.
-"""),
-    ("code", """
+# %% [markdown]
+# ## Extraction
+#
+# Every part goes through `vectors.extract`: batched, `torch.no_grad`, last input token, all
+# requested layers in one forward, stored in float64. Text records get the blank white image.
+
+# %%
 acts, seconds = {}, {}
 for name, records in data.parts().items():
     start = time.perf_counter()
@@ -169,15 +159,15 @@ vector = vectors.fit_vector(
 )
 print("||mean_mal - mean_ben|| per layer:",
       [round(x, 2) for x in vector.metadata["mean_difference_norm"]])
-"""),
-    ("md", """
-## Geometry: malicious vs benign per layer (PCA)
 
-PCA fitted on the vector split (circles); the held-out FigStep images (triangles) are projected
-into the same plane. Layer 0 (the embedding of the last template token, the same for every
-input) is left out.
-"""),
-    ("code", """
+# %% [markdown]
+# ## Geometry: malicious vs benign per layer (PCA)
+#
+# PCA fitted on the vector split (circles); the held-out FigStep images (triangles) are projected
+# into the same plane. Layer 0 (the embedding of the last template token, the same for every
+# input) is left out.
+
+# %%
 shown = [layer for layer in layer_list if layer > 0]
 picks = np.linspace(0, len(shown) - 1, min(8, len(shown)))
 grid_layers = sorted({shown[round(i)] for i in picks})
@@ -198,8 +188,8 @@ fig = plots.pca_grid(
     suptitle=f"{model_id}: last-input-token states, PCA of the vector split",
 )
 nb.save_figure(fig, figures_dir, "pca_layers")
-"""),
-    ("code", """
+
+# %%
 # Interactive only: a layer slider (skipped headless, e.g. under papermill, or without ipywidgets)
 if interactive:
     try:
@@ -219,19 +209,19 @@ if interactive:
         slider = widgets.SelectionSlider(options=shown, value=shown[len(shown) // 2],
                                          description="layer")
         display(widgets.VBox([slider, widgets.interactive_output(show_layer, {"layer": slider})]))
-"""),
-    ("md", """
-## Which layer
 
-Per layer, the AUROC of the projection (malicious positive) and Cohen's d. The data-driven
-layer is chosen on the **selection split** only: the **worst case** of its easy malicious vs
-benign AUROC and of the topic-matched built-in pairs (a layer must separate harm from benign on
-the same topic too), and it is the **earliest** layer within `tolerance` of the best worst-case
-AUROC: a DAVSP step only runs the model up to that layer, so earlier is cheaper. The held-out
-curves are reported, never used to choose. The reference layer (20 of 40, at the same relative
-depth for another model) is shown beside; `layer_choice` says which one is used.
-"""),
-    ("code", """
+# %% [markdown]
+# ## Which layer
+#
+# Per layer, the AUROC of the projection (malicious positive) and Cohen's d. The data-driven
+# layer is chosen on the **selection split** only: the **worst case** of its easy malicious vs
+# benign AUROC and of the topic-matched built-in pairs (a layer must separate harm from benign on
+# the same topic too), and it is the **earliest** layer within `tolerance` of the best worst-case
+# AUROC: a DAVSP step only runs the model up to that layer, so earlier is cheaper. The held-out
+# curves are reported, never used to choose. The reference layer (20 of 40, at the same relative
+# depth for another model) is shown beside; `layer_choice` says which one is used.
+
+# %%
 easy_heldout = vectors.concat_activations([acts["easy"], acts["benign_text"]])
 hard_heldout = vectors.concat_activations([acts["hard"], acts["benign_image"]])
 report = diagnostics.layer_report(vector, easy_heldout)
@@ -269,17 +259,17 @@ fig = plots.layer_auroc(
     title=f"{model_id}: held-out AUROC of v_l . h_l (text over a blank image unless FigStep)",
 )
 nb.save_figure(fig, figures_dir, "layer_auroc")
-"""),
-    ("md", """
-## Margins and the easy/hard gap at the chosen layer
 
-Data-driven margins, from the **selection split** at the data-driven layer: `mu_plus` = median
-projection of its easy malicious inputs (where an input the model refuses lives); `mu_minus` =
-0.9-quantile of its benign inputs, both formats pooled (benign inputs stay where they are). The
-reference margins are 27 / -2 (LLaVA-1.5-13B's scale). Hard malicious inputs should sit below
-`mu_plus`: the distance is what the border has to move them (shown on the held-out split).
-"""),
-    ("code", """
+# %% [markdown]
+# ## Margins and the easy/hard gap at the chosen layer
+#
+# Data-driven margins, from the **selection split** at the data-driven layer: `mu_plus` = median
+# projection of its easy malicious inputs (where an input the model refuses lives); `mu_minus` =
+# 0.9-quantile of its benign inputs, both formats pooled (benign inputs stay where they are). The
+# reference margins are 27 / -2 (LLaVA-1.5-13B's scale). Hard malicious inputs should sit below
+# `mu_plus`: the distance is what the border has to move them (shown on the held-out split).
+
+# %%
 scores = {name: vector.project(a, chosen).cpu().numpy() for name, a in acts.items()}
 benign_all = np.concatenate([scores["benign_text"], scores["benign_image"]])
 sep = diagnostics.separation(scores["easy"], scores["hard"], benign_all)
@@ -320,14 +310,14 @@ fig = plots.projection_histograms(
     title=f"{model_id}: held-out projections at layer {chosen}",
 )
 nb.save_figure(fig, figures_dir, "projections")
-"""),
-    ("md", """
-## The modality gap
 
-The same built-in instructions, once in the text query (over a blank image) and once as a
-FigStep image; one line per instruction.
-"""),
-    ("code", """
+# %% [markdown]
+# ## The modality gap
+#
+# The same built-in instructions, once in the text query (over a blank image) and once as a
+# FigStep image; one line per instruction.
+
+# %%
 gap_labels = [r.label.value for r in data.gap_text]
 fig = plots.modality_pairs(
     scores["gap_text"], scores["gap_image"], gap_labels, layer=chosen,
@@ -347,15 +337,15 @@ modality = {
     if mask.any()
 }
 print(modality)
-"""),
-    ("md", """
-## Save the vector
 
-Safetensors (directions, means, layers; float64) + JSON (model id and checksum, layers, counts,
-prompt template, token position, data ids, seed, and the choices made here). Reloaded with the
-adapter to check the round trip and that it matches this model.
-"""),
-    ("code", """
+# %% [markdown]
+# ## Save the vector
+#
+# Safetensors (directions, means, layers; float64) + JSON (model id and checksum, layers, counts,
+# prompt template, token position, data ids, seed, and the choices made here). Reloaded with the
+# adapter to check the round trip and that it matches this model.
+
+# %%
 data_choice = {
     "layer": data_layer,
     "mu_plus": None if data_margins is None else data_margins[0],
@@ -382,8 +372,8 @@ tensor_file, json_file = vector.save(output_dir / "harmfulness_vector")
 reloaded = vectors.HarmfulnessVector.load(output_dir / "harmfulness_vector", adapter=adapter)
 assert torch.equal(reloaded.directions, vector.directions) and reloaded.metadata == vector.metadata
 print(f"saved {tensor_file} and {json_file}")
-"""),
-    ("code", """
+
+# %%
 results = {
     "model": adapter.info(),
     "data_source": data.source,
@@ -428,5 +418,3 @@ headline = (
 nb.write_results(output_dir / "results.json", notebook="01_harmfulness_vector",
                  parameters=parameters, results=results, headline=headline)
 print(headline)
-"""),
-]

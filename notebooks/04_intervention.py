@@ -1,43 +1,49 @@
-"""Cells of notebook 04_intervention (see scripts/make_notebooks.py)."""
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-# fmt: off
-CELLS = [
-    ("md", """
-# 04 · Test-time intervention: steering along the harmfulness vector
+# %% [markdown]
+# # 04 · Test-time intervention: steering along the harmfulness vector
+#
+# Is the harmfulness vector of notebook 01 *causal* for refusal, or only a read-out? The paper
+# (Table 5, LLaVA-1.5-13B) adds `±α·v_l` to the hidden state at layer `l` during generation:
+# adding raises FigStep RSR (43.0 → 70.4), subtracting lowers it (→ 38.6). This notebook runs the
+# same experiment on the loaded model, sweeps α from negative to positive, and adds VLM-Guard's
+# projection removal `h ← h − (h·v)v` as a comparison.
+#
+# **How** (`davsp_lib.intervention`): `steer(adapter, v, layer, alpha, positions)` and
+# `ablate(adapter, v, layer)` are context managers around forward hooks on the language block
+# whose output is layer `l` (layer 0 = embeddings, layer `l` = output of block `l − 1`); the
+# hooks are removed on exit, even when the body raises. `positions="all"` edits every prompt
+# token and every generated token as it is fed back in; `positions="last"` edits only the
+# prompt's last token (the one the vector was fitted on), never a generated one. Both are
+# exact under cached generation (the tests compare cached decoding with step-by-step uncached
+# recomputation, logits and tokens).
+#
+# **The α unit (decided here).** α is given in units of `d_l = |mean_malicious − mean_benign|`
+# at layer `l` (from the vector file): `k = α / d_l = 1` moves a last-token state's projection
+# `v·h` by the distance between the two class means of the vector data. The typical hidden-state
+# norm at that layer (median over the evaluation prompts) is printed and stored too, so `α`
+# can also be read as a fraction of `|h|`.
+#
+# **Data.** Held-out harmful instructions (text-prompts `harmful_val`) rendered FigStep-style
+# with FigStep's query (*malicious FigStep*, RSR = refusal rate), held-out harmless ones
+# (`harmless_val`) rendered the same way (*benign FigStep*, refusal rate should stay low), and
+# the first harmful instructions again as **plain text** over a blank white image — the
+# format the vector was fitted on — which shows what the vector does where the model already
+# refuses sometimes. Without the benchmark mirror: the project's built-in instructions.
+#
+# **Judge.** Refusal-string matching with the JailbreakBench refusal prefixes
+# (`judges.RefusalJudge("jailbreakbench")`): a response containing a marker is a refusal
+# (safe), anything else is not. It reads *refusal*, not harm: gibberish counts as "not refused".
 
-Is the harmfulness vector of notebook 01 *causal* for refusal, or only a read-out? The paper
-(Table 5, LLaVA-1.5-13B) adds `±α·v_l` to the hidden state at layer `l` during generation:
-adding raises FigStep RSR (43.0 → 70.4), subtracting lowers it (→ 38.6). This notebook runs the
-same experiment on the loaded model, sweeps α from negative to positive, and adds VLM-Guard's
-projection removal `h ← h − (h·v)v` as a comparison.
-
-**How** (`davsp_lib.intervention`): `steer(adapter, v, layer, alpha, positions)` and
-`ablate(adapter, v, layer)` are context managers around forward hooks on the language block
-whose output is layer `l` (layer 0 = embeddings, layer `l` = output of block `l − 1`); the
-hooks are removed on exit, even when the body raises. `positions="all"` edits every prompt
-token and every generated token as it is fed back in; `positions="last"` edits only the
-prompt's last token (the one the vector was fitted on), never a generated one. Both are
-exact under cached generation (the tests compare cached decoding with step-by-step uncached
-recomputation, logits and tokens).
-
-**The α unit (decided here).** α is given in units of `d_l = |mean_malicious − mean_benign|`
-at layer `l` (from the vector file): `k = α / d_l = 1` moves a last-token state's projection
-`v·h` by the distance between the two class means of the vector data. The typical hidden-state
-norm at that layer (median over the evaluation prompts) is printed and stored too, so `α`
-can also be read as a fraction of `|h|`.
-
-**Data.** Held-out harmful instructions (text-prompts `harmful_val`) rendered FigStep-style
-with FigStep's query (*malicious FigStep*, RSR = refusal rate), held-out harmless ones
-(`harmless_val`) rendered the same way (*benign FigStep*, refusal rate should stay low), and
-the first harmful instructions again as **plain text** over a blank white image — the
-format the vector was fitted on — which shows what the vector does where the model already
-refuses sometimes. Without the benchmark mirror: the project's built-in instructions.
-
-**Judge.** Refusal-string matching with the JailbreakBench refusal prefixes
-(`judges.RefusalJudge("jailbreakbench")`): a response containing a marker is a refusal
-(safe), anything else is not. It reads *refusal*, not harm: gibberish counts as "not refused".
-"""),
-    ("parameters", """
+# %% tags=["parameters"]
 # Parameters (papermill)
 model: str = "tiny"  # "tiny"/"small" (embedded default) or a LLaVA-1.5 / Qwen2-VL id or folder
 dtype: str = "auto"  # model dtype: auto, float32, bfloat16, float16. auto: a bfloat16 LM
@@ -48,7 +54,7 @@ data_root: str = ""  # benchmark mirror; "": $DAVSP_DATA_ROOT, else ../shared/da
 use_mirror: bool = True  # False: only the built-in dataset written by the project
 vector_path: str = "runs/interactive/01_harmfulness_vector/harmfulness_vector"  # notebook 01
 layer: int = -1  # -1: the layer notebook 01 chose (metadata diagnostics.chosen_layer)
-alphas: list = [-2.0, -1.0, 0.0, 1.0, 2.0, 3.0]  # k: alpha in units of d_l (0 always added)
+alphas: list[float] = [-2.0, -1.0, 0.0, 1.0, 2.0, 3.0]  # k: alpha in units of d_l (0 always added)
 positions: str = "all"  # "all": prompt + generated tokens; "last": the prompt's last token only
 ablation: bool = True  # also run VLM-Guard's projection removal at the same layer
 safety_prefix: bool = False  # DAVSP's text safety prefix in the prompts (Table 5: none)
@@ -61,10 +67,9 @@ n_examples: int = 2  # example responses shown per set
 seed: int = 0
 output_dir: str = "runs/interactive/04_intervention"  # results.json + per-condition responses
 figures_dir: str = "figures/04_intervention"  # PNG + SVG
-"""),
-    ("code", """
+
+# %%
 import hashlib
-import math
 import time
 from pathlib import Path
 
@@ -77,33 +82,17 @@ from davsp_lib import notebook as nb
 from davsp_lib.adapters import load_adapter
 from davsp_lib.inputs import iter_batches
 
-nb.check_common(
-    model=model, dtype=dtype, device=device, data_root=data_root, use_mirror=use_mirror,
-    vector_path=vector_path, batch_size=batch_size, seed=seed,
+parameters = nb.parameters(
+    globals(), __annotations__, layer=nb.at_least(-1), alphas={"finite": True},
+    positions=nb.one_of(*intervention.POSITIONS), n_malicious=nb.at_least(1),
+    n_benign=nb.at_least(1), n_text=nb.at_least(0), max_new_tokens=nb.at_least(1),
+    n_examples=nb.at_least(0),
 )
-nb.check("layer", layer, int, minimum=-1)
-nb.check("alphas", alphas, list)
-for value in alphas:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise nb.ParameterError(f"parameter 'alphas' must hold finite numbers, got {value!r}")
-nb.check("positions", positions, str, choices=list(intervention.POSITIONS))
-nb.check("ablation", ablation, bool)
-nb.check("safety_prefix", safety_prefix, bool)
-nb.check("n_malicious", n_malicious, int, minimum=1)
-nb.check("n_benign", n_benign, int, minimum=1)
-nb.check("n_text", n_text, int, minimum=0)
-nb.check("max_new_tokens", max_new_tokens, int, minimum=1)
-nb.check("n_examples", n_examples, int, minimum=0)
 output_dir, figures_dir = Path(output_dir), Path(figures_dir)
 ks = sorted({float(value) for value in alphas} | {0.0})  # the unsteered row is always there
-parameters = dict(
-    model=model, dtype=dtype, device=device, data_root=data_root, use_mirror=use_mirror,
-    vector_path=vector_path, layer=layer, alphas=ks, positions=positions, ablation=ablation,
-    safety_prefix=safety_prefix, n_malicious=n_malicious, n_benign=n_benign, n_text=n_text,
-    batch_size=batch_size, max_new_tokens=max_new_tokens, n_examples=n_examples, seed=seed,
-)
-"""),
-    ("code", """
+parameters["alphas"] = ks
+
+# %%
 started = time.perf_counter()
 adapter = load_adapter(model, dtype=dtype, device_map=device or None)
 model_id = adapter.info()["model_id"]
@@ -119,8 +108,8 @@ d_l = intervention.alpha_unit(vector, layer)
 margins = {k: vector.metadata.get("diagnostics", {}).get(k) for k in ("mu_plus", "mu_minus")}
 print(f"{model_id}: steering at layer {layer} of {adapter.num_layers} "
       f"(notebook 01 chose {chosen}); d_l = {d_l:.3f}; margins {margins}")
-"""),
-    ("code", """
+
+# %%
 mirror_root = nb.mirror_root(use_mirror, data_root)
 vector_ids = [i for ids in vector.metadata.get("data_ids", {}).values() for i in ids]
 data = intervention.sweep_data(
@@ -139,16 +128,16 @@ batches = {
     for name, records in data.sets.items() if records
 }
 print(data.source, data.sizes())
-"""),
-    ("md", """
-## The sweep
 
-One condition = one α (or the projection removal), applied to every set. For each response the
-notebook also records the projection `v·h_l` of the prompt's last token *as the model saw it*
-(after the edit). Each (condition, set) is stored under `output_dir/responses/` with everything
-that produced it, so an interrupted run resumes where it stopped.
-"""),
-    ("code", """
+# %% [markdown]
+# ## The sweep
+#
+# One condition = one α (or the projection removal), applied to every set. For each response the
+# notebook also records the projection `v·h_l` of the prompt's last token *as the model saw it*
+# (after the edit). Each (condition, set) is stored under `output_dir/responses/` with everything
+# that produced it, so an interrupted run resumes where it stopped.
+
+# %%
 judge = judges.RefusalJudge("jailbreakbench", mirror_root)
 key_base = {
     "model": adapter.info(), "vector_file": str(vector_path),
@@ -197,8 +186,9 @@ for kind, k in conditions:
                                         for name in batches), 1)
     print(f"{label(kind, k):>20}: {seconds[label(kind, k)]} s"
           + (" (stored, resumed)" if label(kind, k) in resumed else ""))
-"""),
-    ("code", """
+
+
+# %%
 def refusals(texts):
     return [judge.is_refusal(t) for t in texts]
 
@@ -232,15 +222,15 @@ table = pd.DataFrame([
     for row in rows
 ]).set_index("condition")
 table
-"""),
-    ("md", """
-## The α-sweep curve
 
-Refusal rates (Wilson 95 % intervals) against `k = α / d_l`; the dotted lines are the
-projection removal. Right: where the prompts' last-token projection lands after the edit,
-against notebook 01's margins (the projection a DAVSP border is trained to reach).
-"""),
-    ("code", """
+# %% [markdown]
+# ## The α-sweep curve
+#
+# Refusal rates (Wilson 95 % intervals) against `k = α / d_l`; the dotted lines are the
+# projection removal. Right: where the prompts' last-token projection lands after the edit,
+# against notebook 01's margins (the projection a DAVSP border is trained to reach).
+
+# %%
 steer_rows = [row for row in rows if row["k"] is not None]
 ablate_row = next((row for row in rows if row["k"] is None), None)
 colors = {"malicious_figstep": "#c0392b", "benign_figstep": "#2e86c1",
@@ -274,28 +264,28 @@ ax_proj.set_title("where the prompts land", fontsize=9)
 ax_proj.legend(fontsize=7)
 fig.tight_layout()
 nb.save_figure(fig, figures_dir, "alpha_sweep")
-"""),
-    ("md", """
-## Example responses
 
-The first records of each set at the most negative, zero and most positive `k` (and with the
-projection removed); truncated to 160 characters; `[R]` marks a judged refusal.
-"""),
-    ("code", """
+# %% [markdown]
+# ## Example responses
+#
+# The first records of each set at the most negative, zero and most positive `k` (and with the
+# projection removed); truncated to 160 characters; `[R]` marks a judged refusal.
+
+# %%
 shown = [label("steer", ks[0]), label("steer", 0.0), label("steer", ks[-1])]
 shown += [label("ablate", None)] if ablation else []
 examples = {}
 for name in batches:
     for index, record in enumerate(data.sets[name][:n_examples]):
         query = record.meta.get("original_query", record.query)
-        print(f"\\n[{name}] {record.id}: {query[:100]!r}")
+        print(f"\n[{name}] {record.id}: {query[:100]!r}")
         for condition in dict.fromkeys(shown):
             text = responses[condition, name]["texts"][index]
             mark = "[R]" if judge.is_refusal(text) else "   "
             print(f"  {condition:>20} {mark} {text[:160]!r}")
             examples.setdefault(name, {}).setdefault(record.id, {})[condition] = text
-"""),
-    ("code", """
+
+# %%
 short = {"malicious_figstep": "malicious FigStep (RSR)", "benign_figstep": "benign FigStep",
          "malicious_text": "malicious text"}
 zero = next(row for row in rows if row["k"] == 0.0)
@@ -341,5 +331,3 @@ results = {
 nb.write_results(output_dir / "results.json", notebook="04_intervention",
                  parameters=parameters, results=results, headline=headline)
 print(headline)
-"""),
-]
