@@ -26,7 +26,7 @@ What differs here, and why (no CLIP weights ship in any registry package):
 The pool is an artifact like the trained defenses (:meth:`AdaShieldPool.save` / ``load``:
 ``<name>.safetensors`` with the keys, ``<name>.json`` with the prompts per scenario, the anchors
 and the tensor file's sha256); notebook 02 builds it as the variant ``adashield_a`` from its
-MM-SafetyBench TYPO training records, and :func:`make_defense` turns it into the defense
+MM-SafetyBench TYPO training records, and :func:`defense_fields` turns it into the defense
 ``adashield_a`` of :mod:`davsp_lib.evaluation`, whose :class:`AdaShieldRewrite` rewrites each
 query before the inputs are built.
 """
@@ -463,21 +463,9 @@ class AdaShieldRewrite:
         }
 
 
-def make_defense(
-    name: str,
-    spec: Any,
-    *,
-    training_dir: str | Path | None,
-    adapter: Any = None,
-    root: str | Path | None = None,
-) -> Any:
-    """The AdaShield-A defense: no fixed text or image part, a per-record query rewrite from
-    the pool ``<training_dir>/<variant>`` (notebook 02)."""
-    from davsp_lib.evaluation import Defense
-
-    if training_dir is None:
-        raise ValueError(f"defense {name!r} needs training_dir (artifact {spec.variant!r})")
-    path = Path(training_dir) / spec.variant
+def defense_fields(path: Path, *, adapter: Any = None, root: Any = None) -> dict:
+    """The AdaShield-A defense's parts (:data:`davsp_lib.evaluation.DEFENSES` builder): no
+    fixed text or image part, a per-record query rewrite from the pool at ``path`` (notebook 02)."""
     pool = AdaShieldPool.load(path)
     if pool.embedder != SentenceEmbedder.name:
         raise DataError(
@@ -486,16 +474,11 @@ def make_defense(
             f"{SentenceEmbedder.name!r} (rebuild the pool with notebook 02)",
         )
     embedder_folder()  # the embedder is installed: fail here, not in the middle of generation
-    return Defense(
-        name=name,
-        label=spec.label,
-        placement=spec.placement,
-        prompt_name="adashield_a scenario prompt (retrieved per record)",
-        variant=spec.variant,
-        source=str(path),
-        trained=pool,
-        rewrite=AdaShieldRewrite(pool, source=str(path)),
-    )
+    return {
+        "prompt_name": "adashield_a scenario prompt (retrieved per record)",
+        "trained": pool,
+        "rewrite": AdaShieldRewrite(pool, source=str(path)),
+    }
 
 
 def retrieval_summary(

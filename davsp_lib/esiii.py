@@ -141,7 +141,7 @@ def train_defensive_image(
 
     PGD: ``delta -= step_size * sign(grad)``, then ``delta`` is clipped to ``[-epsilon,
     epsilon]`` (and the image to [0, 1] inside the model input). The returned prompt's
-    metadata carries the texts so that :func:`make_defense` rebuilds the same defense.
+    metadata carries the texts so that :func:`defense_fields` rebuilds the same defense.
     """
     texts = texts or load_texts()
     data = training_set(adapter, texts, blank=blank)
@@ -177,31 +177,15 @@ def text_instruction(prompt: VisualSafetyPrompt, source: str | Path) -> str:
     return text
 
 
-def make_defense(
-    name: str,
-    spec: Any,
-    *,
-    training_dir: str | Path | None,
-    adapter: VLMAdapter | None = None,
-    root: str | Path | None = None,
-) -> Any:
-    """The ESIII defense: the trained delta fused with the user image + its text instruction."""
-    from davsp_lib.evaluation import Defense
-
-    if training_dir is None:
-        raise ValueError(f"defense {name!r} needs training_dir (artifact {spec.variant!r})")
-    path = Path(training_dir) / spec.variant
+def defense_fields(path: Path, *, adapter: VLMAdapter | None = None, root: Any = None) -> dict:
+    """The ESIII defense's parts (:data:`davsp_lib.evaluation.DEFENSES` builder): the trained
+    delta fused with the user image + its text instruction."""
     vsp = VisualSafetyPrompt.load(path, adapter)
-    return Defense(
-        name=name,
-        label=spec.label,
-        safety_prompt=text_instruction(vsp, path.with_suffix(".json")),
-        placement=spec.placement,
-        prompt_name="esiii text_instruction (data/baselines/esiii.json)",
-        vsp=vsp,
-        variant=spec.variant,
-        source=str(path),
-    )
+    return {
+        "safety_prompt": text_instruction(vsp, path.with_suffix(".json")),
+        "prompt_name": "esiii text_instruction (data/baselines/esiii.json)",
+        "vsp": vsp,
+    }
 
 
 def instruction_likelihood(

@@ -56,8 +56,9 @@ class DefenseSpec:
     prompt: str | None = None
     placement: Placement = "prefix"
     variant: str | None = None  # ``<training_dir>/<variant>.safetensors/.json``
-    #: ``"module:function"`` that builds the defense from its artifact instead of
-    #: :func:`make_defense`'s default (baselines in their own modules, imported when used)
+    #: ``"module:function"`` called as ``f(path, adapter=, root=)`` on the artifact path
+    #: ``<training_dir>/<variant>``; it returns the :class:`Defense` fields the artifact gives
+    #: (baselines in their own modules, imported when used). Without it the artifact is a VSP.
     builder: str | None = None
 
 
@@ -93,10 +94,10 @@ DEFENSES: dict[str, DefenseSpec] = {
     "davsp_border": DefenseSpec("DAVSP border only (no prefix)", variant="davsp"),
     # baselines of the paper's table, trained by their own modules (notebook 02)
     "esiii": DefenseSpec(
-        "ESIII (defensive image + text)", None, "prefix", "esiii", "davsp_lib.esiii:make_defense"
+        "ESIII (defensive image + text)", None, "prefix", "esiii", "davsp_lib.esiii:defense_fields"
     ),
     "pat": DefenseSpec(
-        "PAT (tuned text prefix)", None, "prefix", "pat", "davsp_lib.pat:make_defense"
+        "PAT (tuned text prefix)", None, "prefix", "pat", "davsp_lib.pat:defense_fields"
     ),
     # a scenario prompt retrieved per input from a pool built by notebook 02 (no image part)
     "adashield_a": DefenseSpec(
@@ -104,7 +105,7 @@ DEFENSES: dict[str, DefenseSpec] = {
         None,
         "sandwich",
         "adashield_a",
-        "davsp_lib.adashield:make_defense",
+        "davsp_lib.adashield:defense_fields",
     ),
 }
 
@@ -198,28 +199,21 @@ def make_defense(
     if name not in DEFENSES:
         raise ValueError(f"unknown defense {name!r}; known: {sorted(DEFENSES)}")
     spec = DEFENSES[name]
-    if spec.builder is not None:
-        module, function = spec.builder.split(":")
-        build = getattr(importlib.import_module(module), function)
-        return build(name, spec, training_dir=training_dir, adapter=adapter, root=root)
-    text = prompts.text(spec.prompt, root) if spec.prompt else None
-    vsp, source = None, None
+    fields: dict[str, Any] = {}
+    if spec.prompt:
+        fields.update(safety_prompt=prompts.text(spec.prompt, root), prompt_name=spec.prompt)
     if spec.variant is not None:
         if training_dir is None:
             raise ValueError(f"defense {name!r} needs training_dir (artifact {spec.variant!r})")
         path = Path(training_dir) / spec.variant
-        vsp = VisualSafetyPrompt.load(path, adapter)
-        source = str(path)
-    return Defense(
-        name=name,
-        label=spec.label,
-        safety_prompt=text,
-        placement=spec.placement,
-        prompt_name=spec.prompt,
-        vsp=vsp,
-        variant=spec.variant,
-        source=source,
-    )
+        if spec.builder is None:
+            fields["vsp"] = VisualSafetyPrompt.load(path, adapter)
+        else:
+            module, function = spec.builder.split(":")
+            build = getattr(importlib.import_module(module), function)
+            fields.update(build(path, adapter=adapter, root=root))
+        fields.update(variant=spec.variant, source=str(path))
+    return Defense(name=name, label=spec.label, placement=spec.placement, **fields)
 
 
 def load_defenses(

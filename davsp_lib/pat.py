@@ -543,28 +543,12 @@ def train(
     return PATResult(result, history, start_step, time.perf_counter() - began)
 
 
-def make_defense(
-    name: str,
-    spec: Any,
-    *,
-    training_dir: str | Path | None,
-    adapter: VLMAdapter | None = None,
-    root: str | Path | None = None,
-) -> Any:
-    """The PAT defense: the trained control and a space as a text prefix (no image part)."""
-    from davsp_lib.evaluation import Defense
-
-    if training_dir is None:
-        raise ValueError(f"defense {name!r} needs training_dir (artifact {spec.variant!r})")
-    path = Path(training_dir) / spec.variant
+def defense_fields(path: Path, *, adapter: VLMAdapter | None = None, root: Any = None) -> dict:
+    """The PAT defense's parts (:data:`davsp_lib.evaluation.DEFENSES` builder): the trained
+    control and a space as a text prefix (no image part)."""
     control = PATControl.load(path, adapter)
-    return Defense(
-        name=name,
-        label=spec.label,
-        safety_prompt=prompt_text(control.text),
-        placement=spec.placement,
-        prompt_name="pat control (trained)",
-        variant=spec.variant,
-        source=str(path),
-        trained=control,
-    )
+    return {
+        "safety_prompt": prompt_text(control.text),
+        "prompt_name": "pat control (trained)",
+        "trained": control,
+    }
