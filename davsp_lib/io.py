@@ -1,4 +1,8 @@
-"""Atomic file writes and strict readers for JSON, CSV and text.
+"""Atomic file writes and strict readers for JSON, CSV and text, and the artifact file pair.
+
+An artifact (a harmfulness vector, a visual safety prompt) is ``NAME.safetensors`` plus
+``NAME.json``: the JSON's ``format``, its own fields, the tensor file's sha256 and free
+``metadata`` (:func:`write_artifact`, :func:`read_artifact`).
 
 Every writer goes through a temporary file in the destination folder and ``os.replace``,
 so a crash never leaves a half-written artifact and never clobbers a finished one.
@@ -7,6 +11,7 @@ so a crash never leaves a half-written artifact and never clobbers a finished on
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -107,3 +112,81 @@ def read_csv_rows(path: str | Path, required: list[str]) -> list[dict[str, str]]
         row["__line__"] = str(reader.line_num)
         rows.append(row)
     return rows
+
+
+def artifact_paths(path: str | Path) -> tuple[Path, Path]:
+    """The ``(.safetensors, .json)`` pair for ``path`` (its suffix, if any, is replaced)."""
+    path = Path(path)
+    return path.with_suffix(".safetensors"), path.with_suffix(".json")
+
+
+def write_artifact(
+    path: str | Path,
+    tensors: dict[str, Any],
+    *,
+    format: str,
+    fields: dict[str, Any],
+    metadata: dict[str, Any],
+) -> tuple[Path, Path]:
+    """Write ``path.safetensors`` then ``path.json`` (each atomically).
+
+    The JSON is ``{"format", **fields, "tensors": {file, sha256}, "metadata"}``: the sha256
+    catches a pair from two different saves (or an edited tensor file) on load.
+    """
+    from safetensors.torch import save as to_bytes
+
+    tensor_path, json_path = artifact_paths(path)
+    json.dumps(metadata)  # fail before writing anything if metadata is not JSON-safe
+    data = to_bytes(tensors, metadata={"format": format})
+    atomic_write_bytes(tensor_path, data)
+    header = {
+        "format": format,
+        **fields,
+        "tensors": {"file": tensor_path.name, "sha256": hashlib.sha256(data).hexdigest()},
+        "metadata": metadata,
+    }
+    atomic_write_json(json_path, header)
+    return tensor_path, json_path
+
+
+def read_artifact(path: str | Path, *, format: str, what: str) -> tuple[dict[str, Any], dict]:
+    """The ``(header, tensors)`` of an artifact written by :func:`write_artifact`.
+
+    A missing or unreadable file, another ``format``, an unreadable tensor file or a sha256
+    that differs from the header's raise :class:`DataError` naming the file; ``what`` names
+    the artifact in those messages. The caller checks its own fields and tensors.
+    """
+    from safetensors.torch import load as from_bytes
+
+    tensor_path, json_path = artifact_paths(path)
+    if not json_path.exists():
+        raise DataError(
+            json_path,
+            f"{what} metadata file not found (an artifact is the .safetensors + .json pair "
+            "its save writes)",
+        )
+    header = read_json(json_path)
+    if not isinstance(header, dict) or header.get("format") != format:
+        found = header.get("format") if isinstance(header, dict) else type(header).__name__
+        raise DataError(json_path, f"not a {what} (format {found!r}, expected {format!r})")
+    recorded = header.get("tensors", {})
+    if not isinstance(recorded, dict):
+        raise DataError(json_path, "'tensors' must be an object with the tensor file's sha256")
+    try:
+        data = tensor_path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(tensor_path, f"{what} tensor file not found") from None
+    except OSError as exc:
+        raise DataError(tensor_path, f"cannot read file ({exc.strerror})") from None
+    try:
+        tensors = from_bytes(data)
+    except Exception as exc:  # safetensors raises its own error types for any malformed header
+        raise DataError(tensor_path, f"not a readable safetensors file ({exc})") from None
+    expected = recorded.get("sha256")
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise DataError(
+            tensor_path,
+            f"sha256 differs from the one recorded in {json_path.name}: the pair comes from "
+            "different saves or the tensor file was modified",
+        )
+    return header, tensors

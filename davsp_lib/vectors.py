@@ -12,7 +12,6 @@ the hidden state of the last input token at layer ``l``, and ``s(x) = v_l . h_l(
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from davsp_lib.adapters.hooks import check_layers
 from davsp_lib.conversation import Placement
 from davsp_lib.errors import DataError
 from davsp_lib.inputs import describe_template, iter_batches
-from davsp_lib.io import atomic_write_bytes, atomic_write_json, read_json
+from davsp_lib.io import artifact_paths, read_artifact, write_artifact
 from davsp_lib.records import Record
 
 VECTOR_FORMAT = "davsp-harmfulness-vector/1"
@@ -333,29 +332,17 @@ class HarmfulnessVector:
         return tensors
 
     def save(self, path: str | Path) -> tuple[Path, Path]:
-        """Write ``path.with_suffix('.safetensors')`` then ``.json`` (each atomically).
-
-        The JSON records the tensor file's sha256, so a pair from two different saves (or an
-        edited tensor file) is caught on load.
-        """
-        from safetensors.torch import save as to_bytes
-
-        tensor_path, json_path = artifact_paths(path)
-        json.dumps(self.metadata)  # fail before writing anything if metadata is not JSON-safe
-        data = to_bytes(self.tensors(), metadata={"format": VECTOR_FORMAT})
-        atomic_write_bytes(tensor_path, data)
-        header = {
-            "format": VECTOR_FORMAT,
+        """Write ``path.with_suffix('.safetensors')`` then ``.json`` (:func:`write_artifact`)."""
+        fields = {
             "model_id": self.model_id,
             "hidden_size": self.hidden_size,
             "num_layers": self.num_layers,
             "layers": self.layers,
             "counts": dict(self.counts),
-            "tensors": {"file": tensor_path.name, "sha256": hashlib.sha256(data).hexdigest()},
-            "metadata": self.metadata,
         }
-        atomic_write_json(json_path, header)
-        return tensor_path, json_path
+        return write_artifact(
+            path, self.tensors(), format=VECTOR_FORMAT, fields=fields, metadata=self.metadata
+        )
 
     @classmethod
     def load(cls, path: str | Path, adapter: VLMAdapter | None = None) -> HarmfulnessVector:
@@ -365,8 +352,9 @@ class HarmfulnessVector:
         with layers the model lacks raises :class:`VectorMismatchError`.
         """
         tensor_path, json_path = artifact_paths(path)
-        header = _read_header(json_path)
-        tensors = _read_tensors(tensor_path, header, json_path)
+        header, tensors = read_artifact(path, format=VECTOR_FORMAT, what="harmfulness vector")
+        _check_header(header, json_path)
+        _check_tensors(tensors, header, tensor_path, json_path)
         vector = cls(
             layers=list(header["layers"]),
             directions=tensors["directions"],
@@ -380,25 +368,7 @@ class HarmfulnessVector:
         return vector
 
 
-def artifact_paths(path: str | Path) -> tuple[Path, Path]:
-    """The ``(.safetensors, .json)`` pair for ``path`` (its suffix, if any, is replaced)."""
-    path = Path(path)
-    return path.with_suffix(".safetensors"), path.with_suffix(".json")
-
-
-def _read_header(json_path: Path) -> dict[str, Any]:
-    if not json_path.exists():
-        raise DataError(
-            json_path,
-            "vector metadata file not found (a vector is the .safetensors + .json pair "
-            "written by HarmfulnessVector.save)",
-        )
-    header = read_json(json_path)
-    if not isinstance(header, dict) or header.get("format") != VECTOR_FORMAT:
-        found = header.get("format") if isinstance(header, dict) else type(header).__name__
-        raise DataError(
-            json_path, f"not a harmfulness vector (format {found!r}, expected {VECTOR_FORMAT!r})"
-        )
+def _check_header(header: dict[str, Any], json_path: Path) -> None:
     layers = header.get("layers")
     if not isinstance(layers, list) or not layers or not all(_is_int(x) for x in layers):
         raise DataError(json_path, f"'layers' must be a non-empty list of ints, got {layers!r}")
@@ -412,24 +382,12 @@ def _read_header(json_path: Path) -> dict[str, Any]:
         raise DataError(json_path, "'metadata' must be an object")
     if not isinstance(header.get("tensors"), dict):
         raise DataError(json_path, "'tensors' must be an object with the tensor file's sha256")
-    return header
 
 
-def _read_tensors(
-    tensor_path: Path, header: Mapping[str, Any], json_path: Path
-) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load as from_bytes
-
-    try:
-        data = tensor_path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(tensor_path, "vector tensor file not found") from None
-    except OSError as exc:
-        raise DataError(tensor_path, f"cannot read file ({exc.strerror})") from None
-    try:
-        tensors = from_bytes(data)
-    except Exception as exc:  # safetensors raises its own error types for any malformed header
-        raise DataError(tensor_path, f"not a readable safetensors file ({exc})") from None
+def _check_tensors(
+    tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any], tensor_path: Path,
+    json_path: Path,
+) -> None:  # fmt: skip
     missing = [key for key in (*TENSOR_KEYS, "layers") if key not in tensors]
     if missing:
         raise DataError(tensor_path, f"missing tensor(s) {missing}; has {sorted(tensors)}")
@@ -450,14 +408,6 @@ def _read_tensors(
             f"layers {tensors['layers'].tolist()} differ from {json_path.name}'s "
             f"{header['layers']}",
         )
-    expected = header["tensors"].get("sha256")
-    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
-        raise DataError(
-            tensor_path,
-            f"sha256 differs from the one recorded in {json_path.name}: the pair comes from "
-            "different saves or the tensor file was modified",
-        )
-    return tensors
 
 
 def _is_int(value: Any) -> bool:

@@ -20,8 +20,6 @@ vector and margins used, data, steps, seed, losses), never pickle.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +31,7 @@ from PIL import Image
 
 from davsp_lib.adapters.base import VLMAdapter, check_pixels, pad_to_square
 from davsp_lib.errors import DataError
-from davsp_lib.io import atomic_write_bytes, atomic_write_json, read_json
+from davsp_lib.io import artifact_paths, read_artifact, write_artifact
 
 VSP_FORMAT = "davsp-visual-safety-prompt/1"
 Kind = Literal["border", "additive"]
@@ -259,62 +257,32 @@ class VisualSafetyPrompt:
             )
 
     def save(self, path: str | Path) -> tuple[Path, Path]:
-        """``path.safetensors`` then ``path.json`` (each atomic; JSON pins the tensor sha256)."""
-        from safetensors.torch import save as to_bytes
-
-        tensor_path, json_path = (
-            Path(path).with_suffix(".safetensors"),
-            Path(path).with_suffix(".json"),
-        )
-        json.dumps(self.metadata)  # fail before writing if metadata is not JSON-safe
-        data = to_bytes({"delta": self.delta.contiguous()}, metadata={"format": VSP_FORMAT})
-        atomic_write_bytes(tensor_path, data)
-        header = {
-            "format": VSP_FORMAT,
+        """``path.safetensors`` then ``path.json`` (:func:`write_artifact`: each atomic, the
+        JSON pins the tensor sha256)."""
+        border = self.kind == "border"
+        fields = {
             "kind": self.kind,
             "canvas": list(self.canvas),
             "width": self.width,
             "epsilon": self.epsilon,
-            "start": self.start if self.kind == "border" else None,
-            "clamp": self.clamp if self.kind == "border" else None,
+            "start": self.start if border else None,
+            "clamp": self.clamp if border else None,
             "pixel_space": "[0, 1] before the model's normalisation"
-            + ("" if self.clamp or self.kind != "border" else " (unclamped: may leave [0, 1])"),
-            "tensors": {"file": tensor_path.name, "sha256": hashlib.sha256(data).hexdigest()},
-            "metadata": self.metadata,
+            + ("" if self.clamp or not border else " (unclamped: may leave [0, 1])"),
         }
-        atomic_write_json(json_path, header)
-        return tensor_path, json_path
+        return write_artifact(
+            path, {"delta": self.delta.contiguous()}, format=VSP_FORMAT, fields=fields,
+            metadata=self.metadata,
+        )  # fmt: skip
 
     @classmethod
     def load(cls, path: str | Path, adapter: VLMAdapter | None = None) -> VisualSafetyPrompt:
         """Read a saved prompt; bad files raise :class:`DataError` naming the file."""
-        from safetensors.torch import load as from_bytes
-
-        tensor_path, json_path = (
-            Path(path).with_suffix(".safetensors"),
-            Path(path).with_suffix(".json"),
-        )
-        if not json_path.exists():
-            raise DataError(json_path, "safety prompt metadata file not found")
-        header = read_json(json_path)
-        if not isinstance(header, dict) or header.get("format") != VSP_FORMAT:
-            found = header.get("format") if isinstance(header, dict) else type(header).__name__
-            raise DataError(
-                json_path, f"not a visual safety prompt (format {found!r}, expected {VSP_FORMAT!r})"
-            )
-        try:
-            data = tensor_path.read_bytes()
-        except FileNotFoundError:
-            raise DataError(tensor_path, "safety prompt tensor file not found") from None
-        expected = header.get("tensors", {}).get("sha256")
-        if expected is not None and hashlib.sha256(data).hexdigest() != expected:
-            raise DataError(
-                tensor_path, f"sha256 differs from the one recorded in {json_path.name}"
-            )
-        try:
-            delta = from_bytes(data)["delta"]
-        except Exception as exc:  # malformed header or missing key
-            raise DataError(tensor_path, f"not a readable safety prompt tensor ({exc})") from None
+        tensor_path, json_path = artifact_paths(path)
+        header, tensors = read_artifact(path, format=VSP_FORMAT, what="visual safety prompt")
+        if "delta" not in tensors:
+            raise DataError(tensor_path, f"missing tensor 'delta'; has {sorted(tensors)}")
+        delta = tensors["delta"]
         if list(delta.shape[1:]) != header.get("canvas") or not torch.isfinite(delta).all():
             canvas = header.get("canvas")
             raise DataError(

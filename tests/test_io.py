@@ -3,15 +3,18 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from davsp_lib.errors import DataError
 from davsp_lib.io import (
     atomic_open,
     atomic_write_json,
     atomic_write_text,
+    read_artifact,
     read_csv_rows,
     read_json,
     read_text,
+    write_artifact,
 )
 
 
@@ -89,3 +92,27 @@ def test_atomic_files_get_normal_permissions(tmp_path):
     os.umask(umask)
     path = atomic_write_text(tmp_path / "shared.txt", "x")
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_artifact_pair_round_trip_and_checks(tmp_path):
+    tensor_path, json_path = write_artifact(
+        tmp_path / "art.x", {"t": torch.arange(3.0)}, format="f/1", fields={"k": 2},
+        metadata={"m": [1]},
+    )  # fmt: skip
+    assert (tensor_path.name, json_path.name) == ("art.safetensors", "art.json")
+    header = json.loads(json_path.read_text())
+    assert list(header) == ["format", "k", "tensors", "metadata"]
+    assert header["tensors"]["file"] == "art.safetensors"
+    header, tensors = read_artifact(tmp_path / "art", format="f/1", what="thing")
+    assert header["k"] == 2 and tensors["t"].tolist() == [0.0, 1.0, 2.0]
+    with pytest.raises(DataError, match=r"art\.json: not a thing \(format 'f/1'"):
+        read_artifact(tmp_path / "art", format="g/1", what="thing")
+    write_artifact(tmp_path / "other", {"t": torch.ones(3)}, format="f/1", fields={}, metadata={})
+    tensor_path.write_bytes((tmp_path / "other.safetensors").read_bytes())
+    with pytest.raises(DataError, match=r"art\.safetensors: sha256 differs"):
+        read_artifact(tmp_path / "art", format="f/1", what="thing")
+    with pytest.raises(DataError, match=r"nope\.json: thing metadata file not found"):
+        read_artifact(tmp_path / "nope", format="f/1", what="thing")
+    with pytest.raises(TypeError):
+        write_artifact(tmp_path / "bad", {}, format="f/1", fields={}, metadata={"x": object()})
+    assert not (tmp_path / "bad.safetensors").exists()
