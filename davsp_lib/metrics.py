@@ -286,3 +286,37 @@ def summarize_defense(
         if any(r.get("projection") is not None for r in rows)
         else None,
     }
+
+
+#: the MM-SafetyBench scenario groups a results table shows (subsets of :func:`resistance`)
+SCENARIO_KINDS = ("harmful", "sensitive")
+
+
+def table_row(summary: Mapping[str, Any], *, judge: str, malicious: Sequence[str]) -> dict:
+    """One defense's row of a results table from its :func:`summarize_defense`, as percent text.
+
+    RSR (named with the ``judge`` that made it) over all malicious records, per ``malicious``
+    benchmark and per MM-SafetyBench scenario kind, the benign refusal rate, and, only where
+    measured, the local MM-Vet score, agreement with the undefended answers and the mean
+    projections (two decimals).
+    """
+    res, ben = summary["resistance"], summary["benign_refusals"]
+    rsr = f"RSR [{judge}]"  # an RSR is always shown with the judge that made it
+    line = {f"{rsr} {name} (n={res[name]['n']})": percent(res[name]["rsr"])
+            for name in (ALL_MALICIOUS, *malicious)}  # fmt: skip
+    for kind in SCENARIO_KINDS:
+        key = f"MM-SafetyBench TYPO/{kind}"
+        if key in res:
+            line[f"{rsr} MM-SB {kind} scenarios (n={res[key]['n']})"] = percent(res[key]["rsr"])
+    line[f"benign refusal (n={ben[ALL_BENIGN]['n']})"] = percent(ben[ALL_BENIGN]["rate"])
+    mmvet_local = summary.get("mmvet_local")
+    if mmvet_local and mmvet_local["n"]:
+        line[f"MM-Vet local score (n={mmvet_local['n']})"] = percent(mmvet_local["score"])
+    if summary.get("agreement_with_none"):
+        line["same answer as none"] = percent(summary["agreement_with_none"]["exact"])
+        line["similarity to none"] = percent(summary["agreement_with_none"]["similarity"])
+    if summary.get("projections"):
+        for label in ("malicious", "benign"):
+            mean = summary["projections"][label]["mean"]
+            line[f"mean projection, {label}"] = f"{mean:.2f}"
+    return line

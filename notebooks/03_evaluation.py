@@ -313,26 +313,8 @@ pct = metrics.percent
 
 malicious_names = [b for b, recs in benchmarks.items() if recs[0].is_malicious]
 ALL_M, ALL_B = metrics.ALL_MALICIOUS, metrics.ALL_BENIGN
-table = {}
-for name, s in summary.items():
-    res, ben = s["resistance"], s["benign_refusals"]
-    rsr_ = f"RSR [{primary.name}]"  # an RSR is always shown with the judge that made it
-    line = {f"{rsr_} {ALL_M} (n={res[ALL_M]['n']})": pct(res[ALL_M]["rsr"])}
-    line |= {f"{rsr_} {b} (n={res[b]['n']})": pct(res[b]["rsr"]) for b in malicious_names}
-    for kind in ("harmful", "sensitive"):
-        key = f"MM-SafetyBench TYPO/{kind}"
-        if key in res:
-            line[f"{rsr_} MM-SB {kind} scenarios (n={res[key]['n']})"] = pct(res[key]["rsr"])
-    line[f"benign refusal (n={ben[ALL_B]['n']})"] = pct(ben[ALL_B]["rate"])
-    if s["mmvet_local"]:
-        line[f"MM-Vet local score (n={s['mmvet_local']['n']})"] = pct(s["mmvet_local"]["score"])
-    if s["agreement_with_none"]:
-        line["same answer as none"] = pct(s["agreement_with_none"]["exact"])
-        line["similarity to none"] = pct(s["agreement_with_none"]["similarity"])
-    if s["projections"]:
-        line["mean projection, malicious"] = f"{s['projections']['malicious']['mean']:.2f}"
-        line["mean projection, benign"] = f"{s['projections']['benign']['mean']:.2f}"
-    table[labels[name]] = line
+table = {labels[name]: metrics.table_row(s, judge=primary.name, malicious=malicious_names)
+         for name, s in summary.items()}
 frame = pd.DataFrame(table).fillna("")
 print(f"{model_id}; RSR judge {primary.name}, benign refusals {refusals.name}; percent; "
       f"greedy, {max_new_tokens} new tokens")

@@ -277,21 +277,12 @@ ALL_M, ALL_B = metrics.ALL_MALICIOUS, metrics.ALL_BENIGN
 malicious_names = [b for b, recs in benchmarks.items() if recs[0].is_malicious]
 table = {}
 for key, s in summary.items():
-    res, ben = s["resistance"], s["benign_refusals"]
-    line = {"model": info_a["model_id"] if key.startswith("A:") else info_b["model_id"],
-            f"RSR [{judge.name}] {ALL_M} (n={res[ALL_M]['n']})": pct(res[ALL_M]["rsr"])}
-    line |= {f"RSR [{judge.name}] {b} (n={res[b]['n']})": pct(res[b]["rsr"])
-             for b in malicious_names}
-    line[f"benign refusal (n={ben[ALL_B]['n']})"] = pct(ben[ALL_B]["rate"])
-    agreement = s["agreement_with_none"]
-    line["similarity to undefended"] = pct(agreement["similarity"]) if agreement else ""
+    line = {"model": info_a["model_id"] if key.startswith("A:") else info_b["model_id"]}
+    line |= metrics.table_row(s, judge=judge.name, malicious=malicious_names)
     if key == f"B:{transfer.TRANSFER_NAME}":  # does the border change any answer at all?
         same = [a["response"] == b["response"]
                 for a, b in zip(responses[key], responses["B:davsp_prefix"], strict=True)]
         line["identical to prefix only"] = pct(sum(same) / len(same))
-    if s["projections"]:
-        line["mean projection, malicious"] = f"{s['projections']['malicious']['mean']:.2f}"
-        line["mean projection, benign"] = f"{s['projections']['benign']['mean']:.2f}"
     table[labels[key]] = line
 frame = pd.DataFrame(table).T.fillna("")
 print(f"judge {judge.name}; greedy, {max_new_tokens} new tokens; percent"

@@ -225,19 +225,9 @@ pct = metrics.percent
 
 ALL_M, ALL_B = metrics.ALL_MALICIOUS, metrics.ALL_BENIGN
 malicious_names = [b for b, recs in benchmarks.items() if recs[0].is_malicious]
-table = {}
-for name, s in summary.items():
-    res, ben = s["resistance"], s["benign_refusals"]
-    line = {f"RSR [{judge.name}] {ALL_M} (n={res[ALL_M]['n']})": pct(res[ALL_M]["rsr"])}
-    line |= {f"RSR [{judge.name}] {b} (n={res[b]['n']})": pct(res[b]["rsr"])
-             for b in malicious_names}
-    line[f"benign refusal (n={ben[ALL_B]['n']})"] = pct(ben[ALL_B]["rate"])
-    if s["mmvet_local"] and s["mmvet_local"]["n"]:
-        line[f"MM-Vet local score (n={s['mmvet_local']['n']})"] = pct(s["mmvet_local"]["score"])
-    agreement = s["agreement_with_none"]
-    line["benign: same answer as none"] = pct(agreement["exact"]) if agreement else ""
-    table[labels[name]] = line
-frame = pd.DataFrame(table).T
+table = {labels[name]: metrics.table_row(s, judge=judge.name, malicious=malicious_names)
+         for name, s in summary.items()}
+frame = pd.DataFrame(table).T.fillna("")
 print(f"{model_id}; judge {judge.name} (RSR and benign refusals); MM-Vet: local string "
       f"scorer; percent; greedy, {max_new_tokens} new tokens")
 frame

@@ -167,3 +167,35 @@ def test_summarize_defense():
 def test_percent_for_tables():
     assert metrics.percent(None) == ""
     assert metrics.percent(0.925) == "92" and metrics.percent(1.0) == "100"
+
+
+def test_table_row_names_judge_and_shows_only_measured_columns():
+    rows = [
+        row(1, "malicious", projection=2.0),
+        row(2, "benign", "12", source="mm-vet", projection=0.5),
+        row(3, "malicious", source="mm-safetybench", judging="harmful"),
+    ]
+    benchmark_of = {"figstep/1": "FigStep", "mm-safetybench/3": "MM-SafetyBench TYPO"}
+    summary = metrics.summarize_defense(
+        rows, [False, False, True], [False, False, False], references={"mm-vet/2": "12"},
+        baseline=rows, benchmark_of=benchmark_of,
+    )  # fmt: skip
+    line = metrics.table_row(summary, judge="j", malicious=["FigStep", "MM-SafetyBench TYPO"])
+    assert line == {
+        "RSR [j] all malicious (n=2)": "50",
+        "RSR [j] FigStep (n=1)": "100",
+        "RSR [j] MM-SafetyBench TYPO (n=1)": "0",
+        "RSR [j] MM-SB harmful scenarios (n=1)": "0",
+        "benign refusal (n=1)": "0",
+        "MM-Vet local score (n=1)": "100",
+        "same answer as none": "100",
+        "similarity to none": "100",
+        "mean projection, malicious": "2.00",
+        "mean projection, benign": "0.50",
+    }
+    bare = metrics.summarize_defense([row(1, "malicious"), row(2, "benign")], [True, False],
+                                     [False, True])  # fmt: skip
+    assert metrics.table_row(bare, judge="j", malicious=[]) == {
+        "RSR [j] all malicious (n=1)": "0",
+        "benign refusal (n=1)": "100",
+    }
