@@ -255,11 +255,26 @@ class PooledRecords:
     n_malicious: int
     n_benign: int
 
+    def describe(self) -> str:
+        """``{sizes} -> N malicious + M benign`` (what a notebook prints)."""
+        return f"{self.sizes} -> {self.n_malicious} malicious + {self.n_benign} benign"
 
-def pool_benchmarks(benchmarks: Mapping[str, Sequence[Record]]) -> PooledRecords:
-    """All records of ``{name: records}`` in order (what notebooks 03, 05 and 06 evaluate)."""
+
+def pool_benchmarks(
+    benchmarks: Mapping[str, Sequence[Record]], *, need_both: bool = False
+) -> PooledRecords:
+    """All records of ``{name: records}`` in order (what notebooks 03, 05 and 06 evaluate).
+
+    ``need_both``: no malicious or no benign record raises ``ValueError``.
+    """
     records = [r for recs in benchmarks.values() for r in recs]
     n_malicious = sum(r.is_malicious for r in records)
+    if need_both and (n_malicious == 0 or n_malicious == len(records)):
+        sizes = {name: len(recs) for name, recs in benchmarks.items()}
+        raise ValueError(
+            f"need malicious and benign records, got {n_malicious} and "
+            f"{len(records) - n_malicious} ({sizes}); raise the n_* parameters"
+        )
     return PooledRecords(
         records=records,
         benchmark_of={r.id: name for name, recs in benchmarks.items() for r in recs},

@@ -126,12 +126,10 @@ benchmarks, data_notes = transfer.evaluation_sets(
 )
 for note in data_notes:
     print("note:", note)
-pooled = evaluation.pool_benchmarks(benchmarks)
+pooled = evaluation.pool_benchmarks(benchmarks, need_both=True)
 records, benchmark_of, sizes = pooled.records, pooled.benchmark_of, pooled.sizes
 n_mal, n_ben = pooled.n_malicious, pooled.n_benign
-if n_mal == 0 or n_ben == 0:
-    raise nb.ParameterError("need malicious and benign records; raise the n_* parameters")
-print(sizes, f"-> {n_mal} malicious + {n_ben} benign")
+print(pooled.describe())
 
 # %% [markdown]
 # ## Model A with its own border (reference)

@@ -120,12 +120,10 @@ benchmarks, data_notes = transfer.evaluation_sets(
 )
 for note in data_notes:
     print("note:", note)
-pooled = evaluation.pool_benchmarks(benchmarks)
+pooled = evaluation.pool_benchmarks(benchmarks, need_both=True)
 records, benchmark_of, sizes = pooled.records, pooled.benchmark_of, pooled.sizes
 n_mal, n_ben = pooled.n_malicious, pooled.n_benign
-if n_mal == 0 or n_ben == 0:
-    raise nb.ParameterError("need malicious and benign records; raise the n_* parameters")
-print(f"{model_id}: {sizes} -> {n_mal} malicious + {n_ben} benign; "
+print(f"{model_id}: {pooled.describe()}; "
       f"pipelines {[p.name for p in pipelines]}")
 
 # %% [markdown]

@@ -371,3 +371,10 @@ def test_pool_benchmarks_keeps_order_and_origin(records):
     }
     assert pooled.n_malicious == sum(r.is_malicious for r in records[:5])
     assert pooled.n_malicious + pooled.n_benign == 5
+    assert pooled.describe() == (
+        f"{pooled.sizes} -> {pooled.n_malicious} malicious + {pooled.n_benign} benign"
+    )
+    benign = [r for r in records if not r.is_malicious]
+    with pytest.raises(ValueError, match=r"need malicious and benign records, got 0 and"):
+        evaluation.pool_benchmarks({"b": benign}, need_both=True)
+    assert evaluation.pool_benchmarks({"b": benign}).n_malicious == 0
