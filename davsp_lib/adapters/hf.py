@@ -26,6 +26,24 @@ from davsp_lib.adapters.base import (
 from davsp_lib.conversation import Conversation
 
 
+def hf_sites(
+    *,
+    language_model: Sequence[str],
+    vision_tower: Sequence[str],
+    projector: Sequence[str],
+    lm_head: Sequence[str],
+) -> dict[str, tuple[str, ...]]:
+    """An HF architecture's :attr:`~VLMAdapter.sites`: candidate module paths per site (newer
+    ``transformers`` layout first); the decoder layers are ``<language_model>.layers``."""
+    return {
+        "language_model": tuple(language_model),
+        "language_layers": tuple(f"{path}.layers" for path in language_model),
+        "vision_tower": tuple(vision_tower),
+        "projector": tuple(projector),
+        "lm_head": tuple(lm_head),
+    }
+
+
 class HFVisionLanguageAdapter(VLMAdapter):
     """A ``transformers`` VLM + its processor. Subclasses supply pixel inputs and templates."""
 
@@ -41,14 +59,32 @@ class HFVisionLanguageAdapter(VLMAdapter):
     #: ``"fixed"``, or the ``"native:..."`` option the canvas was derived from (Qwen2-VL)
     canvas: str = "fixed"
 
-    def __init__(self, model, processor, *, model_id: str, image_size: tuple[int, int]):
-        super().__init__(model, model_id=model_id, image_size=image_size)
+    def __init__(
+        self,
+        model,
+        processor,
+        *,
+        model_id: str,
+        image_size: tuple[int, int] | str | None = None,
+    ):
+        """``image_size``: the canvas asked for, checked by :meth:`resolve_image_size`."""
+        size = self.resolve_image_size(processor, image_size, model_id=model_id)
+        super().__init__(model, model_id=model_id, image_size=size)
         self.processor = processor
         self.tokenizer = processor.tokenizer
         if getattr(processor, "chat_template", None) is None:
             processor.chat_template = self.fallback_chat_template
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    def resolve_image_size(
+        self, processor, image_size: tuple[int, int] | str | None, *, model_id: str
+    ) -> tuple[int, int]:
+        """The canvas the model takes for ``image_size`` (architectures with a default or
+        ``"native:..."`` options override this)."""
+        if image_size is None or isinstance(image_size, str):
+            raise ValueError(f"{model_id}: {self.architecture} needs an image size (H, W)")
+        return (int(image_size[0]), int(image_size[1]))
 
     @property
     def hidden_size(self) -> int:

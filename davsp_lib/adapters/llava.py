@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from davsp_lib.adapters.hf import HFVisionLanguageAdapter
+from davsp_lib.adapters.hf import HFVisionLanguageAdapter, hf_sites
 from davsp_lib.conversation import Conversation
 
 #: the system sentence of LLaVA's ``llava_v1`` conversation (``conv_llava_v1`` in
@@ -20,13 +20,12 @@ LLAVA_V1_SYSTEM = (
 
 class LlavaAdapter(HFVisionLanguageAdapter):
     architecture = "llava"
-    sites: ClassVar[Mapping[str, Sequence[str]]] = {
-        "language_model": ("model.language_model", "language_model.model"),
-        "language_layers": ("model.language_model.layers", "language_model.model.layers"),
-        "vision_tower": ("model.vision_tower", "vision_tower"),
-        "projector": ("model.multi_modal_projector", "multi_modal_projector"),
-        "lm_head": ("lm_head", "language_model.lm_head"),
-    }
+    sites: ClassVar[Mapping[str, Sequence[str]]] = hf_sites(
+        language_model=("model.language_model", "language_model.model"),
+        vision_tower=("model.vision_tower", "vision_tower"),
+        projector=("model.multi_modal_projector", "multi_modal_projector"),
+        lm_head=("lm_head", "language_model.lm_head"),
+    )
     # llava-hf's own template (Vicuna v1 style), used only if the processor carries none
     fallback_chat_template = (
         "{% for message in messages %}{% if message['role'] == 'system' %}"
@@ -40,21 +39,16 @@ class LlavaAdapter(HFVisionLanguageAdapter):
     default_system_prompt = LLAVA_V1_SYSTEM
     image_placement = "{n} image tokens first in the user turn, then a newline"
 
-    def __init__(
-        self,
-        model,
-        processor,
-        *,
-        model_id: str,
-        image_size: tuple[int, int] | str | None = None,
-    ):
+    def resolve_image_size(
+        self, processor, image_size: tuple[int, int] | str | None, *, model_id: str
+    ) -> tuple[int, int]:
         """LLaVA-1.5 takes its CLIP size only: ``image_size``, if given, must be that size."""
         size = self.default_image_size(processor)
         if image_size is not None and tuple(image_size) != size:
             raise ValueError(
                 f"{model_id}: LLaVA-1.5 takes {size} images (its CLIP size), not {image_size}"
             )
-        super().__init__(model, processor, model_id=model_id, image_size=size)
+        return size
 
     def prompt_text(self, conversation: Conversation) -> str:
         """The ``llava_v1`` prompt, built as the reference's ``conv.get_prompt()`` builds it.

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from transformers import Qwen2VLProcessor
 
-from davsp_lib.adapters.hf import HFVisionLanguageAdapter
+from davsp_lib.adapters.hf import HFVisionLanguageAdapter, hf_sites
 
 
 class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
@@ -85,13 +85,12 @@ def canvas_option(image_processor, option: str) -> tuple[int, int]:
 
 class Qwen2VLAdapter(HFVisionLanguageAdapter):
     architecture = "qwen2_vl"
-    sites: ClassVar[Mapping[str, Sequence[str]]] = {
-        "language_model": ("model.language_model", "model"),
-        "language_layers": ("model.language_model.layers", "model.layers"),
-        "vision_tower": ("model.visual", "visual"),
-        "projector": ("model.visual.merger", "visual.merger"),
-        "lm_head": ("lm_head",),
-    }
+    sites: ClassVar[Mapping[str, Sequence[str]]] = hf_sites(
+        language_model=("model.language_model", "model"),
+        vision_tower=("model.visual", "visual"),
+        projector=("model.visual.merger", "visual.merger"),
+        lm_head=("lm_head",),
+    )
     # Qwen2-VL-*-Instruct's shipped template (tokenizer_config.json), images and text only: a
     # first message that is not a system message gets "You are a helpful assistant." before it
     fallback_chat_template = (
@@ -114,14 +113,9 @@ class Qwen2VLAdapter(HFVisionLanguageAdapter):
 
     image_placement = "<|vision_start|>, {n} image tokens, <|vision_end|>, first in the user turn"
 
-    def __init__(
-        self,
-        model,
-        processor,
-        *,
-        model_id: str,
-        image_size: tuple[int, int] | str | None = None,
-    ):
+    def resolve_image_size(
+        self, processor, image_size: tuple[int, int] | str | None, *, model_id: str
+    ) -> tuple[int, int]:
         """``image_size``: a canvas (multiple of 28), or ``"native:SIDE"`` /
         ``"native:HxW"`` (:func:`canvas_option`); default :attr:`default_canvas`."""
         image_processor = processor.image_processor
@@ -135,7 +129,7 @@ class Qwen2VLAdapter(HFVisionLanguageAdapter):
         factor = self.patch_size * self.merge_size
         if size[0] % factor or size[1] % factor:
             raise ValueError(f"Qwen2-VL canvas {size} must be a multiple of {factor} on both sides")
-        super().__init__(model, processor, model_id=model_id, image_size=size)  # type: ignore[arg-type]
+        return size  # type: ignore[return-value]
 
     @property
     def image_token_count(self) -> int:  # type: ignore[override]
