@@ -178,12 +178,16 @@ def read_artifact(path: str | Path, *, format: str, what: str) -> tuple[dict[str
         raise DataError(tensor_path, f"{what} tensor file not found") from None
     except OSError as exc:
         raise DataError(tensor_path, f"cannot read file ({exc.strerror})") from None
+    expected = recorded.get("sha256")
+    differs = expected is not None and hashlib.sha256(data).hexdigest() != expected
     try:
         tensors = from_bytes(data)
     except Exception as exc:  # safetensors raises its own error types for any malformed header
-        raise DataError(tensor_path, f"not a readable safetensors file ({exc})") from None
-    expected = recorded.get("sha256")
-    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        also = f"; its sha256 also differs from the one recorded in {json_path.name}"
+        raise DataError(
+            tensor_path, f"not a readable safetensors file ({exc}){also if differs else ''}"
+        ) from None
+    if differs:
         raise DataError(
             tensor_path,
             f"sha256 differs from the one recorded in {json_path.name}: the pair comes from "

@@ -111,6 +111,9 @@ def test_artifact_pair_round_trip_and_checks(tmp_path):
     tensor_path.write_bytes((tmp_path / "other.safetensors").read_bytes())
     with pytest.raises(DataError, match=r"art\.safetensors: sha256 differs"):
         read_artifact(tmp_path / "art", format="f/1", what="thing")
+    tensor_path.write_bytes(b"garbage")
+    with pytest.raises(DataError, match=r"not a readable safetensors file .*also differs"):
+        read_artifact(tmp_path / "art", format="f/1", what="thing")
     with pytest.raises(DataError, match=r"nope\.json: thing metadata file not found"):
         read_artifact(tmp_path / "nope", format="f/1", what="thing")
     with pytest.raises(TypeError):
