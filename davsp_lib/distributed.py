@@ -33,6 +33,7 @@ import argparse
 import hashlib
 import json
 import os
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ from tqdm import tqdm
 from davsp_lib.adapters.base import VLMAdapter
 from davsp_lib.conversation import Placement
 from davsp_lib.errors import DataError
-from davsp_lib.inputs import record_runs
+from davsp_lib.inputs import batch_ranges
 from davsp_lib.io import (
     atomic_open,
     atomic_write_bytes,
@@ -121,6 +122,46 @@ def launch_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def load_from_args(args: argparse.Namespace, ctx: DistContext) -> VLMAdapter:
+    """:func:`load_for_rank` with the model options of :func:`launch_parser`."""
+    return load_for_rank(
+        args.model,
+        ctx,
+        dtype=args.dtype,
+        gpus_per_process=args.gpus_per_process,
+        max_memory_per_gpu=args.max_memory_per_gpu,
+    )
+
+
+def run_timing(
+    ctx: DistContext,
+    n_records: int,
+    *,
+    start: float,
+    loaded: float,
+    begin: float,
+    done: float,
+    step: str,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A sharded script's wall times (``time.perf_counter`` marks): ``load_s`` from ``start``
+    to ``loaded``, ``<step>_s`` from ``begin`` to ``done``, ``total_s`` from ``start`` to now."""
+    return {
+        "world_size": ctx.world_size,
+        "records": n_records,
+        **extra,
+        "load_s": round(loaded - start, 3),
+        f"{step}_s": round(done - begin, 3),
+        "total_s": round(time.perf_counter() - start, 3),
+    }
+
+
+def write_timing(path: str | Path | None, timing: dict[str, Any]) -> None:
+    """``--timing-json``: the timing as indented JSON (nothing without a path)."""
+    if path:
+        Path(path).write_text(json.dumps(timing, indent=2) + "\n")
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None or value == "":
@@ -178,13 +219,7 @@ def batch_spans(records: Sequence[Record], batch_size: int, *, blank_image: bool
     The same cut as :func:`davsp_lib.inputs.iter_batches`: at most ``batch_size`` records, and
     (without ``blank_image``) a new batch wherever records switch between having an image and not.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    spans, start = [], 0
-    for chunk in record_runs(records, batch_size, blank_image):
-        spans.append((start, start + len(chunk)))
-        start += len(chunk)
-    return spans
+    return [(batch.start, batch.stop) for batch in batch_ranges(records, batch_size, blank_image)]
 
 
 def shard(n_items: int, rank: int, world_size: int) -> list[int]:

@@ -38,7 +38,7 @@ from davsp_lib.adapters.base import VLMAdapter
 from davsp_lib.adapters.hooks import check_layers, first_input, hidden_of
 from davsp_lib.conversation import Conversation, Placement
 from davsp_lib.errors import DataError
-from davsp_lib.inputs import Placer, iter_batches
+from davsp_lib.inputs import Placer, batch_ranges, iter_batches
 from davsp_lib.io import atomic_write_text
 from davsp_lib.records import Record
 from davsp_lib.vsp import VisualSafetyPrompt, placer_for
@@ -287,22 +287,6 @@ def pool_benchmarks(
 # ------------------------------------------------------------------------------ batches
 
 
-def chunk_indices(records: Sequence[Record], batch_size: int, blank_image: bool) -> list[range]:
-    """The batch layout :func:`davsp_lib.inputs.iter_batches` uses: consecutive runs of at most
-    ``batch_size`` records that agree on having an image (unless ``blank_image``)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    chunks, start = [], 0
-    for index in range(1, len(records) + 1):
-        if index == len(records) or (
-            index - start == batch_size
-            or (not blank_image and records[index].has_image != records[start].has_image)
-        ):
-            chunks.append(range(start, index))
-            start = index
-    return chunks
-
-
 def defended_batches(
     adapter: VLMAdapter,
     records: Sequence[Record],
@@ -544,7 +528,7 @@ def generate_responses(
         raise ValueError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    chunks = chunk_indices(records, batch_size, blank_image)
+    chunks = batch_ranges(records, batch_size, blank_image)
     projection = None
     if vector is not None:
         if layer is None:

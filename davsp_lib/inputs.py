@@ -56,21 +56,32 @@ def conversation_for(
     )
 
 
+def batch_ranges(records: Sequence[Record], batch_size: int, blank_image: bool) -> list[range]:
+    """The one batch layout of every batched loop: consecutive runs of at most ``batch_size``
+    records that agree on having an image (unless ``blank_image``, where every record gets one).
+
+    Generation, extraction and the sharded work units all cut here, so a resumed or sharded run
+    rebuilds the very batches (and bytes) of an uninterrupted single-process one.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    ranges, start = [], 0
+    for index in range(1, len(records) + 1):
+        if index == len(records) or (
+            index - start == batch_size
+            or (not blank_image and records[index].has_image != records[start].has_image)
+        ):
+            ranges.append(range(start, index))
+            start = index
+    return ranges
+
+
 def record_runs(
     records: Sequence[Record], batch_size: int, blank_image: bool
 ) -> Iterator[list[Record]]:
-    """Consecutive chunks of at most ``batch_size`` records that agree on having an image."""
-    chunk: list[Record] = []
-    for record in records:
-        if chunk and (
-            len(chunk) == batch_size
-            or (not blank_image and chunk[-1].has_image != record.has_image)
-        ):
-            yield chunk
-            chunk = []
-        chunk.append(record)
-    if chunk:
-        yield chunk
+    """The records of each :func:`batch_ranges` batch."""
+    for batch in batch_ranges(records, batch_size, blank_image):
+        yield list(records[batch.start : batch.stop])
 
 
 def _image_of(
@@ -102,8 +113,6 @@ def iter_batches(
     ``blank_image`` every text-only record gets :func:`blank_canvas` instead and all chunks are
     image chunks. Images are rendered/loaded lazily, one chunk at a time.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     records = list(records)
     blank = (
         blank_canvas(adapter, place)

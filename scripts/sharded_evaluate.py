@@ -72,13 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     root = args.data_root or None
     records = _records(args.data, root, args.limit, args.seed)
-    adapter = distributed.load_for_rank(
-        args.model,
-        ctx,
-        dtype=args.dtype,
-        gpus_per_process=args.gpus_per_process,
-        max_memory_per_gpu=args.max_memory_per_gpu,
-    )
+    adapter = distributed.load_from_args(args, ctx)
     defense = make_defense(
         args.defense, training_dir=args.training_dir or None, adapter=adapter, root=root
     )
@@ -102,16 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     generated = time.perf_counter()
     if ctx.is_main:
         assert rows is not None
-        timing = {
-            "world_size": ctx.world_size,
-            "records": len(records),
-            "load_s": round(loaded - start, 3),
-            "generate_s": round(generated - begin, 3),
-            "total_s": round(time.perf_counter() - start, 3),
-        }
+        timing = distributed.run_timing(
+            ctx, len(records), start=start, loaded=loaded, begin=begin, done=generated,
+            step="generate",
+        )  # fmt: skip
         print(json.dumps({"responses": str(Path(args.out)), "rows": len(rows), **timing}))
-        if args.timing_json:
-            Path(args.timing_json).write_text(json.dumps(timing, indent=2) + "\n")
+        distributed.write_timing(args.timing_json, timing)
     distributed.shutdown(ctx)
     return 0
 

@@ -85,13 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             if ctx.is_main:
                 print(f"no safety prefix available ({error}); prompts carry none")
     records, source = _records(args, root)
-    adapter = distributed.load_for_rank(
-        args.model,
-        ctx,
-        dtype=args.dtype,
-        gpus_per_process=args.gpus_per_process,
-        max_memory_per_gpu=args.max_memory_per_gpu,
-    )
+    adapter = distributed.load_from_args(args, ctx)
     layers = vectors.parse_layers(args.layers, adapter.num_layers)
     loaded = time.perf_counter()
 
@@ -122,17 +116,13 @@ def main(argv: list[str] | None = None) -> int:
             },
         )
         tensor_path, json_path = vector.save(out)
-        timing = {
-            "world_size": ctx.world_size,
-            "records": len(records),
-            "batches": len(distributed.batch_spans(records, args.batch_size, blank_image=True)),
-            "load_s": round(loaded - start, 3),
-            "extract_s": round(extracted - begin, 3),
-            "total_s": round(time.perf_counter() - start, 3),
-        }
+        timing = distributed.run_timing(
+            ctx, len(records), start=start, loaded=loaded, begin=begin, done=extracted,
+            step="extract",
+            batches=len(distributed.batch_spans(records, args.batch_size, blank_image=True)),
+        )  # fmt: skip
         print(json.dumps({"vector": str(tensor_path), "metadata": str(json_path), **timing}))
-        if args.timing_json:
-            Path(args.timing_json).write_text(json.dumps(timing, indent=2) + "\n")
+        distributed.write_timing(args.timing_json, timing)
     distributed.shutdown(ctx)
     return 0
 

@@ -23,8 +23,8 @@ from davsp_lib.adapters.tiny import build_tiny_llava, save_tiny
 from davsp_lib.conversation import Conversation
 from davsp_lib.datasets import as_image_attack, load_builtin
 from davsp_lib.errors import DataError
-from davsp_lib.evaluation import chunk_indices, generate_responses, make_defense
-from davsp_lib.inputs import iter_batches
+from davsp_lib.evaluation import generate_responses, make_defense
+from davsp_lib.inputs import batch_ranges, iter_batches
 from davsp_lib.vectors import extract
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ def test_batch_spans_are_the_single_process_batches(llava, records, batch_size, 
     if not blank_image:
         chunks = [chunk for chunk, _, _ in iter_batches(llava, records, batch_size)]
     assert [records[a:b] for a, b in spans] == chunks
-    assert spans == [(c.start, c.stop) for c in chunk_indices(records, batch_size, blank_image)]
+    assert spans == [(c.start, c.stop) for c in batch_ranges(records, batch_size, blank_image)]
 
 
 def test_batch_spans_cut_where_images_start_and_stop(records):
@@ -327,3 +327,24 @@ def test_torchrun_two_processes_write_the_same_responses(llava_folder, tmp_path)
     _script("sharded_evaluate").main([*args, "--out", str(tmp_path / "one.jsonl")])
     assert (tmp_path / "one.jsonl").read_bytes() == (tmp_path / "two.jsonl").read_bytes()
     assert len((tmp_path / "two.jsonl").read_text().splitlines()) == 1 + 5
+
+
+def test_run_timing_and_write_timing(tmp_path):
+    ctx = D.DistContext()
+    timing = D.run_timing(ctx, 5, start=1.0, loaded=3.5, begin=4.0, done=10.25, step="extract",
+                          batches=2)  # fmt: skip
+    assert list(timing) == ["world_size", "records", "batches", "load_s", "extract_s", "total_s"]
+    assert timing["world_size"] == ctx.world_size and timing["records"] == 5
+    assert (timing["load_s"], timing["extract_s"], timing["batches"]) == (2.5, 6.25, 2)
+    D.write_timing(None, timing)  # no path: nothing written
+    D.write_timing(tmp_path / "t.json", timing)
+    assert json.loads((tmp_path / "t.json").read_text()) == timing
+
+
+def test_load_from_args_reads_launch_parser_options(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(D, "load_for_rank", lambda name, ctx, **kw: seen.update(name=name, **kw))
+    args = D.launch_parser("x").parse_args(["--model", "m", "--dtype", "float32"])
+    D.load_from_args(args, D.DistContext())
+    assert seen == {"name": "m", "dtype": "float32", "gpus_per_process": 1,
+                    "max_memory_per_gpu": None}  # fmt: skip

@@ -17,7 +17,6 @@ import torch
 from davsp_lib import datasets, evaluation, prompts, vectors
 from davsp_lib.adapters.tiny import build_tiny_llava
 from davsp_lib.errors import DataError
-from davsp_lib.inputs import iter_batches
 from davsp_lib.records import Label, Record
 from davsp_lib.vsp import VisualSafetyPrompt
 
@@ -104,14 +103,6 @@ def _raw(adapter, chunk):
     from davsp_lib.images import record_image, to_tensor
 
     return [to_tensor(record_image(r)) for r in chunk]
-
-
-def test_chunk_indices_match_iter_batches(adapter, records):
-    layout = evaluation.chunk_indices(records, 3, blank_image=False)
-    assert [list(c) for c in layout] == [[0, 1, 2], [3, 4], [5, 6]]
-    seen = [len(chunk) for chunk, _, _ in iter_batches(adapter, records, 3)]
-    assert seen == [len(c) for c in layout]
-    assert [len(c) for c in evaluation.chunk_indices(records, 3, blank_image=True)] == [3, 3, 1]
 
 
 def test_stratified_sample_is_seeded_balanced_and_ordered():

@@ -8,7 +8,7 @@ import torch
 from davsp_lib.adapters.tiny import build_tiny_llava
 from davsp_lib.datasets import as_image_attack, load_builtin
 from davsp_lib.images import record_image, to_tensor
-from davsp_lib.inputs import blank_canvas, describe_template, iter_batches
+from davsp_lib.inputs import batch_ranges, blank_canvas, describe_template, iter_batches
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,17 @@ def test_runs_split_by_modality_and_size_in_input_order(adapter, mixed):
             assert images.shape == (len(chunk), 3, *adapter.image_size)
         else:
             assert images is None
+
+
+def test_batch_ranges_are_the_iter_batches_layout(adapter, mixed):
+    layout = batch_ranges(mixed, 2, blank_image=False)
+    assert [list(r) for r in layout] == [[0, 1], [2, 3], [4], [5]]
+    seen = [[r.id for r in chunk] for chunk, _, _ in iter_batches(adapter, mixed, 2)]
+    assert seen == [[mixed[i].id for i in r] for r in layout]
+    assert [list(r) for r in batch_ranges(mixed, 4, blank_image=True)] == [[0, 1, 2, 3], [4, 5]]
+    assert batch_ranges([], 2, blank_image=False) == []
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        batch_ranges(mixed, 0, blank_image=True)
 
 
 def test_images_are_the_prepared_record_images(adapter, mixed):
