@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -167,19 +167,9 @@ PAPER = PoolsSpec(
 #: the paper's pools in miniature (same sources and order), for quick end-to-end checks
 MINI = PoolsSpec(
     "mini",
-    (
-        PartSpec("vector", "malicious", "vlguard-train/unsafe-image", 6),
-        PartSpec("vector", "benign", "vlguard-train/safe", 6),
-        PartSpec("training", "malicious", "mm-safetybench/typo", 4),
-        PartSpec("training", "benign", "mm-vet", 4),
-        PartSpec("selection", "malicious", "vlguard-train/unsafe-image", 4),
-        PartSpec("selection", "benign", "vlguard-train/safe", 4),
-        PartSpec("selection", "hard", "mm-safetybench/typo", 4),
-        PartSpec("evaluation", "FigStep", "figstep", 4),
-        PartSpec("evaluation", "MM-SafetyBench TYPO", "mm-safetybench/typo", 4),
-        PartSpec("evaluation", "MM-Vet", "mm-vet", 4),
-        PartSpec("evaluation", "VLGuard test malicious", "vlguard-test/malicious", 4),
-        PartSpec("evaluation", "VLGuard test benign", "vlguard-test/benign", 4),
+    tuple(
+        replace(part, n=n)
+        for part, n in zip(PAPER.parts, (6, 6, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4), strict=True)
     ),
     PAPER.purpose,
 )
