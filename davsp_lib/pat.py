@@ -55,7 +55,7 @@ from davsp_lib.adapters.base import IGNORE_INDEX, VLMAdapter
 from davsp_lib.conversation import Conversation
 from davsp_lib.errors import DataError
 from davsp_lib.io import atomic_write_bytes, atomic_write_json, read_json
-from davsp_lib.training import CHECKPOINT_NAME, TrainingSet, load_checkpoint, save_checkpoint
+from davsp_lib.training import CHECKPOINT_NAME, TrainingSet, resume_checkpoint, save_checkpoint
 
 PAT_FORMAT = "davsp-pat-control/1"
 #: the reference's initial controls are runs of "!" tokens
@@ -413,14 +413,11 @@ def train(
     start_step = 0
     control = attack = torch.zeros(0, dtype=torch.int64)
     checkpoint = out_dir / CHECKPOINT_NAME
-    if checkpoint.is_file():
-        tensors, state = load_checkpoint(checkpoint)
-        if state.get("fingerprint") != fingerprint:
-            raise DataError(
-                checkpoint,
-                "checkpoint belongs to a different PAT run (config, data or model changed); "
-                "delete it or train into another folder",
-            )
+    resumed = resume_checkpoint(
+        checkpoint, fingerprint, run="PAT ", changed="config, data or model"
+    )
+    if resumed is not None:
+        tensors, state = resumed
         both = tensors["delta"]
         control, attack = both[: config.control_len].clone(), both[config.control_len :].clone()
         history, start_step = state["history"], int(state["step"])

@@ -436,6 +436,26 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     return tensors, header["state"]
 
 
+def resume_checkpoint(
+    path: Path, fingerprint: Any, *, run: str, changed: str
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """A trainer's checkpoint to resume from (None: there is none yet).
+
+    One written for another ``fingerprint`` raises :class:`DataError`: ``"checkpoint belongs
+    to a different {run}run ({changed} changed)"``, so a rerun never mixes two trainings.
+    """
+    if not path.is_file():
+        return None
+    tensors, state = load_checkpoint(path)
+    if state.get("fingerprint") != fingerprint:
+        raise DataError(
+            path,
+            f"checkpoint belongs to a different {run}run ({changed} changed); delete it or "
+            "train into another folder",
+        )
+    return tensors, state
+
+
 # ------------------------------------------------------------------------------ the loop
 
 
@@ -504,14 +524,11 @@ def train(
     snapshots: dict[int, torch.Tensor] = {0: prompt.delta.clone()}
     start_step = 0
     checkpoint = out_dir / CHECKPOINT_NAME
-    if checkpoint.is_file():
-        tensors, state = load_checkpoint(checkpoint)
-        if state.get("fingerprint") != fingerprint:
-            raise DataError(
-                checkpoint,
-                "checkpoint belongs to a different run (config, data, model or initial prompt "
-                "changed); delete it or train into another folder",
-            )
+    resumed = resume_checkpoint(
+        checkpoint, fingerprint, run="", changed="config, data, model or initial prompt"
+    )
+    if resumed is not None:
+        tensors, state = resumed
         with torch.no_grad():
             delta.copy_(tensors["delta"])
         if optimizer is not None and state.get("optimizer_steps"):

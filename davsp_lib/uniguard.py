@@ -36,14 +36,13 @@ from tqdm import tqdm
 
 from davsp_lib.adapters.base import IGNORE_INDEX, VLMAdapter
 from davsp_lib.conversation import Conversation
-from davsp_lib.errors import DataError
 from davsp_lib.inputs import canvas_for
 from davsp_lib.records import Record
 from davsp_lib.training import (
     CHECKPOINT_NAME,
     TrainingDiverged,
     answer_loss,
-    load_checkpoint,
+    resume_checkpoint,
     save_checkpoint,
     seeded_draws,
 )
@@ -146,10 +145,11 @@ def train_uniguard(
     history: list[dict[str, Any]] = []
     start = 0
     checkpoint = out_dir / CHECKPOINT_NAME
-    if checkpoint.is_file():
-        tensors, state = load_checkpoint(checkpoint)
-        if state.get("fingerprint") != fingerprint:
-            raise DataError(checkpoint, "checkpoint belongs to a different UniGuard run")
+    resumed = resume_checkpoint(
+        checkpoint, fingerprint, run="UniGuard ", changed="config, model, images or corpus"
+    )
+    if resumed is not None:
+        tensors, state = resumed
         delta = tensors["delta"].to(adapter.device)
         history, start = state["history"], int(state["step"])
     delta.requires_grad_(True)

@@ -169,6 +169,16 @@ def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path):
     assert torch.equal(killed["delta"], straight["delta"])
 
 
+def test_resume_checkpoint_none_then_state_then_refusal(tmp_path):
+    path = tmp_path / training.CHECKPOINT_NAME
+    assert training.resume_checkpoint(path, "f1", run="X ", changed="c") is None
+    training.save_checkpoint(path, torch.ones(2), None, {"fingerprint": "f1", "step": 3}, {})
+    tensors, state = training.resume_checkpoint(path, "f1", run="X ", changed="c")
+    assert state == {"fingerprint": "f1", "step": 3} and tensors["delta"].tolist() == [1.0, 1.0]
+    with pytest.raises(DataError, match=r"different X run \(c changed\)"):
+        training.resume_checkpoint(path, "f2", run="X ", changed="c")
+
+
 def test_checkpoint_of_another_run_is_refused(tiny, tmp_path):
     adapter, vector, data, margins = tiny
     training.train(adapter, data, config(margins, steps=2), tmp_path, vector=vector,
