@@ -133,6 +133,12 @@ def load_from_args(args: argparse.Namespace, ctx: DistContext) -> VLMAdapter:
     )
 
 
+def common_start(ctx: DistContext) -> float:
+    """``time.perf_counter()`` once every rank is here (a timed step starts together)."""
+    ctx.barrier()
+    return time.perf_counter()
+
+
 def run_timing(
     ctx: DistContext,
     n_records: int,

@@ -78,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     vector = HarmfulnessVector.load(args.vector, adapter) if args.vector else None
     loaded = time.perf_counter()
-    ctx.barrier()  # time the generation from a common start
-    begin = time.perf_counter()
+    begin = distributed.common_start(ctx)
     rows = distributed.sharded_responses(
         adapter,
         records,

@@ -91,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     work_dir = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".shards")
-    ctx.barrier()  # time the extraction from a common start
-    begin = time.perf_counter()
+    begin = distributed.common_start(ctx)
     acts = distributed.sharded_extract(
         adapter,
         records,

@@ -55,3 +55,23 @@ def embedded_tiny_or_skip(dtype: str = "float32"):
     from davsp_lib.adapters import load_adapter
 
     return load_adapter("tiny", dtype=dtype)
+
+
+@pytest.fixture(scope="module")
+def llava():
+    """The tiny random LLaVA (seed 0), built once per test module."""
+    from davsp_lib.adapters.tiny import build_tiny_llava
+
+    return build_tiny_llava(seed=0)
+
+
+def mixed_records(n_malicious: int, n_benign: int, as_figstep: list[tuple[str, int]]) -> list:
+    """The first built-in text records of each label, with ``(label, index)`` picks of them
+    also rendered as FigStep images: ``(malicious, benign, images)`` for a fixture to order."""
+    from davsp_lib.datasets import as_image_attack, load_builtin
+
+    text = load_builtin("text")
+    malicious = [r for r in text if r.is_malicious][:n_malicious]
+    benign = [r for r in text if not r.is_malicious][:n_benign]
+    picks = [(malicious if label == "malicious" else benign)[i] for label, i in as_figstep]
+    return [malicious, benign, list(as_image_attack(picks, "figstep"))]

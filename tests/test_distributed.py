@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import mixed_records
 
 from davsp_lib import distributed as D
 from davsp_lib.adapters import adapter_for
 from davsp_lib.adapters.tiny import build_tiny_llava, save_tiny
 from davsp_lib.conversation import Conversation
-from davsp_lib.datasets import as_image_attack, load_builtin
 from davsp_lib.errors import DataError
 from davsp_lib.evaluation import generate_responses, make_defense
 from davsp_lib.inputs import batch_ranges, iter_batches
@@ -33,17 +33,11 @@ LAYERS = [0, 2, 4]
 
 
 @pytest.fixture(scope="module")
-def llava():
-    return build_tiny_llava(seed=0)
-
-
-@pytest.fixture(scope="module")
 def records():
     """Text, text, image, image, image, text, text: batches cut where the kind changes."""
-    text = load_builtin("text")
-    malicious = [r for r in text if r.is_malicious][:4]
-    benign = [r for r in text if not r.is_malicious][:3]
-    images = list(as_image_attack([malicious[2], benign[1], malicious[3]], "figstep"))
+    malicious, benign, images = mixed_records(
+        4, 3, [("malicious", 2), ("benign", 1), ("malicious", 3)]
+    )
     return [malicious[0], benign[0], *images, malicious[1], benign[2]]
 
 
@@ -327,6 +321,13 @@ def test_torchrun_two_processes_write_the_same_responses(llava_folder, tmp_path)
     _script("sharded_evaluate").main([*args, "--out", str(tmp_path / "one.jsonl")])
     assert (tmp_path / "one.jsonl").read_bytes() == (tmp_path / "two.jsonl").read_bytes()
     assert len((tmp_path / "two.jsonl").read_text().splitlines()) == 1 + 5
+
+
+def test_common_start_waits_for_every_rank(monkeypatch):
+    ctx, calls = D.DistContext(), []
+    monkeypatch.setattr(D.DistContext, "barrier", lambda self: calls.append("barrier"))
+    monkeypatch.setattr(D.time, "perf_counter", lambda: calls.append("clock") or 7.5)
+    assert D.common_start(ctx) == 7.5 and calls == ["barrier", "clock"]
 
 
 def test_run_timing_and_write_timing(tmp_path):

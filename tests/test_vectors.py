@@ -7,10 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import embedded_tiny_or_skip
+from conftest import embedded_tiny_or_skip, mixed_records
 
 from davsp_lib.adapters.tiny import build_tiny_llava, build_tiny_qwen2_vl
-from davsp_lib.datasets import as_image_attack, load_builtin
 from davsp_lib.errors import DataError
 from davsp_lib.inputs import iter_batches
 from davsp_lib.vectors import (
@@ -169,17 +168,9 @@ def test_not_a_vector_json(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def llava():
-    return build_tiny_llava(seed=0)
-
-
-@pytest.fixture(scope="module")
 def records():
     """Two text-only and two FigStep records of the built-in set, both labels."""
-    text = load_builtin("text")
-    malicious = [r for r in text if r.is_malicious][:2]
-    benign = [r for r in text if not r.is_malicious][:2]
-    images = list(as_image_attack([malicious[1], benign[1]], "figstep"))
+    malicious, benign, images = mixed_records(2, 2, [("malicious", 1), ("benign", 1)])
     return [malicious[0], benign[0], *images]
 
 
