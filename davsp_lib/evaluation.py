@@ -25,7 +25,6 @@ import os
 import random
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from tqdm import tqdm
 
 from davsp_lib import prompts
 from davsp_lib.adapters.base import VLMAdapter
-from davsp_lib.adapters.hooks import check_layers, first_input, hidden_of
+from davsp_lib.adapters.hooks import capture_hidden
 from davsp_lib.conversation import Conversation, Placement
 from davsp_lib.errors import DataError
 from davsp_lib.inputs import Placer, batch_ranges, iter_batches
@@ -313,37 +312,6 @@ def defended_batches(
         yield chunk, defense.apply(images), conversations
 
 
-@contextmanager
-def capture_prompt_state(adapter: VLMAdapter, layer: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Capture the last position's hidden state at ``layer`` on the FIRST forward only.
-
-    Inside ``adapter.generate`` (left-padded) the first forward is the prefill, whose last
-    position is every row's last input token: the state :meth:`VLMAdapter.hidden_states` reads.
-    Later (decoding) calls are ignored. The hook is always removed.
-    """
-    (layer,) = check_layers([layer], adapter.num_layers)
-    store: dict[str, torch.Tensor] = {}
-    blocks = adapter.language_layers
-
-    def keep(hidden: torch.Tensor) -> None:
-        if "state" not in store:
-            store["state"] = hidden[:, -1].detach()
-
-    if layer == 0:
-        handle = blocks[0].register_forward_pre_hook(
-            lambda module, args, kwargs: keep(first_input(module, args, kwargs)),
-            with_kwargs=True,
-        )
-    else:
-        handle = blocks[layer - 1].register_forward_hook(
-            lambda _m, _a, output: keep(hidden_of(output))
-        )
-    try:
-        yield store
-    finally:
-        handle.remove()
-
-
 # ------------------------------------------------------------------------------ results files
 
 
@@ -573,9 +541,11 @@ def generate_responses(
             )
             scores: list[float | None] = [None] * len(selected)
             if vector is not None:
-                with capture_prompt_state(adapter, layer) as store:
+                blocks = adapter.language_layers
+                with capture_hidden(blocks, [layer], first_forward_only=True) as store:
                     texts = adapter.generate(images, conversations, max_new_tokens=max_new_tokens)
-                scores = [float(s) for s in vector.project(store["state"].cpu(), layer).tolist()]
+                state = store[layer].detach().cpu()
+                scores = [float(s) for s in vector.project(state, layer).tolist()]
             else:
                 texts = adapter.generate(images, conversations, max_new_tokens=max_new_tokens)
             rows = [

@@ -46,7 +46,7 @@ import torch
 from tqdm import tqdm
 
 from davsp_lib.adapters.base import VLMAdapter
-from davsp_lib.adapters.hooks import cache_length, hidden_of
+from davsp_lib.adapters.hooks import cache_length, capture_hidden, hidden_of
 from davsp_lib.datasets import as_image_attack, load_builtin, load_text_prompts
 from davsp_lib.errors import DataError
 from davsp_lib.inputs import Batch
@@ -335,23 +335,6 @@ class Responses:
     states: torch.Tensor | None = None
 
 
-@contextmanager
-def _prompt_state(adapter: VLMAdapter, layer: int, store: list[torch.Tensor]):
-    """Keep ``hidden[:, -1]`` of the first forward (the prompt pass of one ``generate``)."""
-    seen: list[bool] = []
-
-    def keep(module, args, output):
-        if not seen:
-            seen.append(True)
-            store.append(hidden_of(output)[:, -1].detach().to("cpu", torch.float64))
-
-    handle = adapter.language_layers[layer - 1].register_forward_hook(keep)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def respond(
     adapter: VLMAdapter,
     batches: Iterable[Batch],
@@ -379,12 +362,14 @@ def respond(
     ):
         for chunk, images, conversations in batches:
             capture = (
-                _prompt_state(adapter, state_layer, states)
+                capture_hidden(adapter.language_layers, [state_layer], first_forward_only=True)
                 if state_layer is not None
-                else nullcontext()
+                else nullcontext({})
             )
-            with capture:
+            with capture as store:
                 texts += adapter.generate(images, conversations, max_new_tokens=max_new_tokens)
+            if state_layer is not None:
+                states.append(store[state_layer].detach().to("cpu", torch.float64))
             bar.update(len(chunk))
     return Responses(
         texts=texts,

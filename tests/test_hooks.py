@@ -61,3 +61,16 @@ def test_layer_range_checked():
         check_layers([1, 5], 4)
     with pytest.raises(ValueError, match="no layers"):
         check_layers([], 4)
+
+
+def test_first_forward_only_keeps_the_first_pass():
+    blocks, forward = toy()
+    x = torch.arange(12.0).reshape(2, 3, 2)
+    with capture_hidden(blocks, [0, 3], first_forward_only=True) as store:
+        forward(x)
+        forward(x + 100)  # a decoding step: not read
+    assert torch.equal(store[0], x[:, -1]) and torch.equal(store[3], x[:, -1] + 3)
+    with capture_hidden(blocks, [3]) as store:
+        forward(x)
+        forward(x + 100)
+    assert torch.equal(store[3], x[:, -1] + 103)

@@ -68,18 +68,26 @@ def capture_hidden(
     positions: torch.Tensor | None = None,
     *,
     stop_after_deepest: bool = False,
+    first_forward_only: bool = False,
 ) -> Iterator[dict[int, torch.Tensor]]:
     """Capture ``hidden[b, positions[b]]`` (default: the last position) at each layer.
 
     Yields a dict filled during the forward: ``{layer: tensor [batch, hidden]}``. Tensors stay
     in the autograd graph, so a loss on them back-propagates to the pixels. With
     ``stop_after_deepest`` the hook raises :class:`StopForward` once the deepest layer is read;
-    run the forward inside :func:`run_until_stop`.
+    run the forward inside :func:`run_until_stop`. With ``first_forward_only`` later forwards
+    leave the store as it is: inside ``generate`` (left-padded) the first forward is the
+    prefill, whose last position is every row's last input token, and decoding steps are not
+    read.
     """
     layers = check_layers(layers, len(blocks))
     deepest = max(layers)
     store: dict[int, torch.Tensor] = {}
     handles = []
+
+    def keep(layer: int, hidden: torch.Tensor) -> None:
+        if not (first_forward_only and layer in store):
+            store[layer] = pick(hidden)
 
     def pick(hidden: torch.Tensor) -> torch.Tensor:
         if positions is None:
@@ -95,14 +103,14 @@ def capture_hidden(
         if layer == 0:
 
             def pre_hook(module, args, kwargs, layer=layer):
-                store[layer] = pick(first_input(module, args, kwargs))
+                keep(layer, first_input(module, args, kwargs))
                 after_read(layer)
 
             handles.append(blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
         else:
 
             def hook(module, args, output, layer=layer):
-                store[layer] = pick(hidden_of(output))
+                keep(layer, hidden_of(output))
                 after_read(layer)
 
             handles.append(blocks[layer - 1].register_forward_hook(hook))
