@@ -156,13 +156,7 @@ class RefusalJudge(Judge):
 
     def marker(self, response: str) -> str | None:
         """The first marker that makes ``response`` a refusal, or None."""
-        lowered = response.strip().lower()
-        for marker in self.markers:
-            if (self.mode == "substring" and marker in response) or (
-                self.mode == "prefix" and lowered.startswith(marker)
-            ):
-                return marker
-        return None
+        return prompts.refusal_marker(response, self.markers, mode=self.mode)
 
     def is_refusal(self, response: str) -> bool:
         return prompts.is_refusal(response, self.markers, mode=self.mode)

@@ -6,6 +6,7 @@ The strings are used verbatim (they are data, copied from the sources named in e
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +46,20 @@ def items(name: str, root: str | Path | None = None) -> list[str]:
     return [str(item) for item in entry["items"]]
 
 
-def is_refusal(response: str, markers: list[str], *, mode: str = "substring") -> bool:
-    """Refusal-string matching: ``substring`` (GCG / JailbreakBench) or ``prefix`` (XSTest)."""
+def refusal_marker(response: str, markers: Sequence[str], *, mode: str = "substring") -> str | None:
+    """The first of ``markers`` that makes ``response`` a refusal (None: not a refusal).
+
+    ``substring`` (GCG / JailbreakBench): the marker occurs anywhere, case kept; ``prefix``
+    (XSTest): the stripped, lower-cased response starts with it.
+    """
     if mode == "substring":
-        return any(marker in response for marker in markers)
+        return next((marker for marker in markers if marker in response), None)
     if mode == "prefix":
         lowered = response.strip().lower()
-        return any(lowered.startswith(marker) for marker in markers)
+        return next((marker for marker in markers if lowered.startswith(marker)), None)
     raise ValueError(f"mode must be 'substring' or 'prefix', got {mode!r}")
+
+
+def is_refusal(response: str, markers: Sequence[str], *, mode: str = "substring") -> bool:
+    """Refusal-string matching (:func:`refusal_marker` found one)."""
+    return refusal_marker(response, markers, mode=mode) is not None

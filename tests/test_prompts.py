@@ -25,3 +25,12 @@ def test_named_prompts_and_lists(shared_data):
 def test_is_refusal(response, mode, expected):
     markers = ["I'm sorry"] if mode == "substring" else ["sorry", "i'm sorry"]
     assert prompts.is_refusal(response, markers, mode=mode) is expected
+
+
+def test_refusal_marker_names_the_first_match():
+    markers = ["cannot", "I'm sorry"]
+    assert prompts.refusal_marker("I'm sorry, I cannot.", markers) == "cannot"
+    assert prompts.refusal_marker("Sure.", markers) is None
+    assert prompts.refusal_marker("  I'm Sorry", ["i'm sorry"], mode="prefix") == "i'm sorry"
+    with pytest.raises(ValueError, match="mode must be"):
+        prompts.refusal_marker("x", markers, mode="regex")
