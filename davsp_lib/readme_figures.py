@@ -72,8 +72,20 @@ README_FIGURES = (
 )
 
 
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def palette(image: Image.Image) -> Image.Image:
+    """256 colours, median cut, no dithering (deterministic; plots have few colours)."""
+    return image.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+
+
 def encode_png(image: Image.Image, max_bytes: int = MAX_BYTES) -> bytes:
-    """RGB PNG (alpha flattened on white), shrunk by 0.8 per step until under ``max_bytes``."""
+    """An RGB PNG (alpha flattened on white) under ``max_bytes``: as is if it fits, else as a
+    256-colour palette, else shrunk by 0.8 per step (palette) until it fits."""
     if image.mode in ("RGBA", "LA", "P"):
         image = image.convert("RGBA")
         flat = Image.new("RGB", image.size, "white")
@@ -81,15 +93,15 @@ def encode_png(image: Image.Image, max_bytes: int = MAX_BYTES) -> bytes:
         image = flat
     else:
         image = image.convert("RGB")
+    data = _png(image)
     current = image
-    while True:
-        buffer = io.BytesIO()
-        current.save(buffer, format="PNG", optimize=True)
-        data = buffer.getvalue()
-        if len(data) <= max_bytes or min(current.size) <= 64:
-            return data
+    while len(data) > max_bytes and min(current.size) > 64:
+        data = _png(palette(current))
+        if len(data) <= max_bytes:
+            break
         size = (max(1, round(current.width * 0.8)), max(1, round(current.height * 0.8)))
         current = image.resize(size, Image.Resampling.LANCZOS)
+    return data
 
 
 def _results(run_dir: Path, notebook: str) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -105,3 +106,17 @@ def test_default_selection_names_distinct_targets():
     targets = [spec.target for spec in rf.README_FIGURES]
     assert len(set(targets)) == len(targets)
     assert "03_defended_inputs.png" in targets and "04_alpha_sweep.png" in targets
+
+
+def test_a_figure_that_fits_as_a_palette_keeps_its_size(tmp_path):
+    rng = np.random.default_rng(1)
+    colours = rng.integers(0, 256, (200, 3), dtype=np.uint8)
+    image = Image.fromarray(colours[rng.integers(0, 200, (300, 400))], "RGB")
+    as_rgb, as_palette = len(rf._png(image)), len(rf._png(rf.palette(image)))
+    assert as_palette < as_rgb  # the case under test
+    limit = (as_rgb + as_palette) // 2
+    data = rf.encode_png(image, limit)
+    with Image.open(io.BytesIO(data)) as written:
+        assert written.size == (400, 300) and written.mode == "P"
+    assert len(data) <= limit
+    assert rf.encode_png(image, as_rgb) == rf._png(image)  # fits as is: RGB, untouched
