@@ -61,6 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     notebooks.add_argument(
         "--check", action="store_true", help="only list stale .ipynb files (exit 1 if any)"
     )
+
+    figures = commands.add_parser(
+        "figures", help="copy the README's figures from a run folder into figures/ (+ manifest)"
+    )
+    figures.add_argument("--from", dest="run_dir", required=True, help="run folder, runs/<run>")
+    figures.add_argument("--out", default="figures", help="where to write (default: figures)")
+    figures.add_argument("--commit", help="commit the run was made at, when run.json has none")
+    figures.add_argument("--note", help="one line for the manifest (e.g. a caveat)")
+    figures.add_argument(
+        "--allow-missing", action="store_true", help="skip figures the run lacks (listed)"
+    )
     return parser
 
 
@@ -81,6 +92,24 @@ def _data(args: argparse.Namespace) -> int:
         if args.base_url:
             argv += ["--base-url", args.base_url]
     return download.main(argv)
+
+
+def _figures(args: argparse.Namespace) -> int:
+    from davsp_lib.readme_figures import collect
+
+    manifest = collect(
+        args.run_dir,
+        args.out,
+        commit=args.commit,
+        note=args.note,
+        allow_missing=args.allow_missing,
+    )
+    for figure in manifest["figures"]:
+        print(f"{figure['source']} -> {args.out}/{figure['file']} ({figure['bytes']} bytes)")
+    for source in manifest["skipped"]:
+        print(f"skipped (not in the run): {source}")
+    print(f"manifest: {args.out}/manifest.json, {args.out}/README.md")
+    return 0
 
 
 def _notebooks(args: argparse.Namespace) -> int:
@@ -147,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "read": _read,
         "recipe": _recipe,
         "notebooks": _notebooks,
+        "figures": _figures,
     }
     try:
         return commands[args.command](args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
@@ -11,6 +12,23 @@ from PIL import Image
 LABEL_COLORS = {"malicious": "#c0392b", "benign": "#2e86c1"}
 
 
+#: frame drawn around each image panel so a white border stays visible on a white page
+FRAME_COLOR = "#333333"
+
+
+def wrap_title(title: str, width: int, max_lines: int = 3) -> str:
+    """Wrap each line of ``title`` to ``width`` characters; at most ``max_lines`` lines."""
+    lines = [
+        piece
+        for line in title.split("\n")
+        for piece in (textwrap.wrap(line, width, break_long_words=True) or [""])
+    ]
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1][: max(1, width - 1)] + "…"
+    return "\n".join(lines)
+
+
 def image_grid(
     images: Sequence[Image.Image],
     titles: Sequence[str] | None = None,
@@ -18,22 +36,41 @@ def image_grid(
     ncols: int = 4,
     cell_inches: float = 2.6,
     suptitle: str | None = None,
+    fontsize: float = 8,
 ):
-    """A grid of images with short titles; returns the figure."""
+    """A grid of framed images with titles wrapped to the cell width; returns the figure."""
     if not images:
         raise ValueError("image_grid needs at least one image")
+    if titles is not None and len(titles) != len(images):
+        raise ValueError(f"image_grid got {len(images)} images but {len(titles)} titles")
     ncols = max(1, min(ncols, len(images)))
     nrows = -(-len(images) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(cell_inches * ncols, cell_inches * nrows + 0.4))
-    axes = np.atleast_1d(axes).ravel()
-    for index, ax in enumerate(axes):
-        ax.axis("off")
-        if index < len(images):
-            ax.imshow(images[index])
-            if titles:
-                ax.set_title(titles[index], fontsize=8, wrap=True)
+    # characters per title line: the cell width over an average glyph (~0.6 em), with a margin
+    width = max(8, int(cell_inches * 72 * 0.9 / (0.6 * fontsize)))
+    wrapped = [wrap_title(t, width) for t in titles] if titles else None
+    title_lines = max((t.count("\n") + 1 for t in wrapped), default=0) if wrapped else 0
+    title_inches = title_lines * fontsize * 1.3 / 72
+    fig, axes = plt.subplots(
+        nrows,
+        ncols,
+        figsize=(cell_inches * ncols, (cell_inches + title_inches) * nrows + 0.4),
+        squeeze=False,
+    )
+    for index, ax in enumerate(axes.ravel()):
+        if index >= len(images):
+            ax.axis("off")
+            continue
+        ax.imshow(images[index])
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(True)
+            spine.set_color(FRAME_COLOR)
+            spine.set_linewidth(0.8)
+        if wrapped:
+            ax.set_title(wrapped[index], fontsize=fontsize)
     if suptitle:
-        fig.suptitle(suptitle, fontsize=10)
+        fig.suptitle(suptitle, fontsize=fontsize + 2)
     fig.tight_layout()
     return fig
 

@@ -347,7 +347,7 @@ for i, name in enumerate(names):
 left.set_xticks(np.arange(len(groups)) + 0.4 - width / 2,
                 [g.replace(" (", "\n(") for g in groups], fontsize=8)
 left.set_ylim(0, 1.05)
-left.set_ylabel(f"RSR = 1 - unsafe rate [{primary.name}] (Wilson 95 % CI)")
+left.set_ylabel("RSR = 1 - unsafe rate\n(Wilson 95 % CI)")
 left.set_title(f"resistance, judge {primary.name}", fontsize=10)
 left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=4, frameon=False)
 utility = {
