@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -75,3 +77,12 @@ def mixed_records(n_malicious: int, n_benign: int, as_figstep: list[tuple[str, i
     benign = [r for r in text if not r.is_malicious][:n_benign]
     picks = [(malicious if label == "malicious" else benign)[i] for label, i in as_figstep]
     return [malicious, benign, list(as_image_attack(picks, "figstep"))]
+
+
+def load_script(name: str) -> ModuleType:
+    """``scripts/<name>.py`` imported as a module (scripts are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

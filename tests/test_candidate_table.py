@@ -2,24 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from conftest import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location(
-        "candidate_table", ROOT / "scripts" / "candidate_table.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ct = _script()
+ct = load_script("candidate_table")
 
 
 def summary(harmful=0.9, benign=0.0, text=0.95, figstep=0.8, delta=75.0, params=1_000):

@@ -7,7 +7,6 @@ files byte for byte with a single-process run.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import mixed_records
+from conftest import load_script, mixed_records
 
 from davsp_lib import distributed as D
 from davsp_lib.adapters import adapter_for
@@ -271,13 +270,6 @@ def test_disk_offloaded_bf16_model_keeps_the_pixel_gradient(tmp_path):
 # ------------------------------------------------------------------------------ real launches
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def llava_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny") / "llava"
@@ -303,7 +295,7 @@ def test_torchrun_two_processes_extract_the_same_vector(llava_folder, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank: identical kernels, identical bits
     try:
-        _script("sharded_extract").main([*args, "--out", str(tmp_path / "one" / "vector")])
+        load_script("sharded_extract").main([*args, "--out", str(tmp_path / "one" / "vector")])
     finally:
         torch.set_num_threads(threads)
     for suffix in (".safetensors", ".json"):
@@ -318,7 +310,7 @@ def test_torchrun_two_processes_write_the_same_responses(llava_folder, tmp_path)
     args = ["--model", str(llava_folder), "--data", "builtin-figstep", "--limit", "5",
             "--batch-size", "2", "--max-new-tokens", "4"]  # fmt: skip
     torchrun("sharded_evaluate", [*args, "--out", str(tmp_path / "two.jsonl")], tmp_path)
-    _script("sharded_evaluate").main([*args, "--out", str(tmp_path / "one.jsonl")])
+    load_script("sharded_evaluate").main([*args, "--out", str(tmp_path / "one.jsonl")])
     assert (tmp_path / "one.jsonl").read_bytes() == (tmp_path / "two.jsonl").read_bytes()
     assert len((tmp_path / "two.jsonl").read_text().splitlines()) == 1 + 5
 

@@ -5,28 +5,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 from davsp_lib.embedded import reader as ocr
 from davsp_lib.images import to_tensor
 from davsp_lib.render import render_figstep
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location(
-        "redraw_defended_inputs", ROOT / "scripts" / "redraw_defended_inputs.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-rd = _script()
+rd = load_script("redraw_defended_inputs")
 
 
 @pytest.fixture(scope="module")
