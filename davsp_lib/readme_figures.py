@@ -16,10 +16,10 @@ from typing import Any
 
 from PIL import Image
 
+from davsp_lib.adapters.registry import is_embedded
 from davsp_lib.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 
 #: models that are the workbook's embedded stand-ins, not the paper's LLaVA-1.5 / Qwen2-VL
-EMBEDDED_MODELS = ("tiny", "small", "tiny-vit")
 MAX_BYTES = 150_000
 
 
@@ -161,7 +161,7 @@ def collect(
                 "notebook": spec.notebook,
                 "what": spec.what,
                 "model": model,
-                "embedded_stand_in": model in EMBEDDED_MODELS,
+                "embedded_stand_in": is_embedded(model),
                 "headline": results.get("headline"),
                 "written_at": results.get("written_at"),
                 "pixels": size,

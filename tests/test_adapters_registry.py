@@ -16,8 +16,8 @@ from davsp_lib.adapters.tiny import build_tiny_llava
 from davsp_lib.errors import UnsupportedModelError
 
 SUPPORTED = (
-    "embedded models small, tiny, tiny-vit; Hugging Face checkpoints whose config.model_type "
-    "is llava, qwen2_vl"
+    "embedded models small, small-vit, tiny, tiny-vit; Hugging Face checkpoints whose "
+    "config.model_type is llava, qwen2_vl"
 )
 
 
@@ -29,10 +29,12 @@ def test_one_table_names_every_adapter():
         "tiny": "davsp-embedded",
         "small": "davsp-embedded",
         "tiny-vit": "davsp-embedded-vit",
+        "small-vit": "davsp-embedded-vit",
     }
     assert REGISTRY["llava"].adapter_class() is LlavaAdapter
     assert REGISTRY["qwen2_vl"].adapter_class() is Qwen2VLAdapter
-    assert [key for key in REGISTRY if is_embedded(key)] == ["tiny", "small", "tiny-vit"]
+    embedded = ["tiny", "small", "tiny-vit", "small-vit"]
+    assert [key for key in REGISTRY if is_embedded(key)] == embedded
     assert not is_embedded("llava-hf/llava-1.5-7b-hf") and not is_embedded("llava")
     assert supported() == SUPPORTED
 

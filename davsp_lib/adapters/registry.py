@@ -54,6 +54,12 @@ REGISTRY: dict[str, Architecture] = {
             True,
             {"name": "tiny", "vision": "vit"},
         ),
+        Architecture(
+            "small-vit",
+            "davsp_lib.embedded.channel:VisionEmbeddedAdapter",
+            True,
+            {"name": "small", "vision": "vit"},
+        ),
     )
 }
 

@@ -74,11 +74,14 @@ def caption_loss(
     embeds = embeds.clone()
     for r, (_, where, _) in enumerate(rows):
         embeds[r, where : where + tokens.shape[1]] = tokens[r].to(embeds.dtype)
-    logits = lm(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1].float()
+    hidden = lm.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
     target = labels[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
     valid = target != -100
-    correct = int(((logits.argmax(-1) == target) & valid).sum())
+    # the vocabulary projection only where a caption token is predicted (most positions are
+    # visual tokens and prompt: projecting them onto 150k logits would be most of the cost)
+    logits = lm.get_output_embeddings()(hidden[:, :-1][valid]).float()
+    loss = F.cross_entropy(logits, target[valid])
+    correct = int((logits.argmax(-1) == target[valid]).sum())
     return loss, correct, int(valid.sum())
 
 
