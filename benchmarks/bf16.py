@@ -9,17 +9,17 @@ float32 in both) are loaded in one process and every workload runs on the same r
 both dtypes, alternating batch by batch (training: step by step), so each speed-up is a ratio
 from this one run:
 
-- **extraction** (:func:`davsp_lib.vectors.extract`, all layers, built-in text instructions over
-  a blank image with the DAVSP safety prefix, as notebook 01 extracts): seconds; the vector is
-  fitted on ``--n-vector`` records and the layer is chosen on ``--n-heldout`` others as notebook
-  01 does (:func:`diagnostics.choose_layer`); the largest ``|s_bf16 - s_fp32|`` of a held-out
+- **extraction** (:func:`davsp_lib.method.vectors.extract`, all layers, built-in text instructions
+  over a blank image with the DAVSP safety prefix, as notebook 01 extracts): seconds; the vector is
+  fitted on ``--n-vector`` records and the layer is chosen on ``--n-heldout`` others as notebook 01
+  does (:func:`diagnostics.choose_layer`); the largest ``|s_bf16 - s_fp32|`` of a held-out
   projection on the float32 vector, relative to the distance between the two class means of
   ``s_fp32``, at the chosen layer and at the worst layer.
-- **generation** (:func:`davsp_lib.evaluation.generate_responses`, greedy, batched): built-in
-  FigStep images (half harmful) under no defense and under the DAVSP prefix; seconds, identical
-  answers, identical refusal verdicts (JailbreakBench refusal strings), the largest
+- **generation** (:func:`davsp_lib.evaluation.generation.generate_responses`, greedy, batched):
+  built-in FigStep images (half harmful) under no defense and under the DAVSP prefix; seconds,
+  identical answers, identical refusal verdicts (JailbreakBench refusal strings), the largest
   ``|delta projection|`` of the prompt's last token relative to the class-mean distance.
-- **training** (:func:`davsp_lib.training.forward_losses` + backward, Adam, alternating
+- **training** (:func:`davsp_lib.method.training.forward_losses` + backward, Adam, alternating
   malicious / benign steps, the same seed and batches, ``lam`` as the reference): seconds per
   step, the cosine between the float32 and bfloat16 border gradients at the first step (same
   border), and the loss curves of both runs.
@@ -43,14 +43,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from davsp_lib import diagnostics, prompts, training, vectors
-from davsp_lib.adapters import load_adapter
-from davsp_lib.datasets import load_builtin
-from davsp_lib.evaluation import generate_responses, make_defense
-from davsp_lib.inputs import canvas_for
-from davsp_lib.judges import RefusalJudge
-from davsp_lib.records import Record
-from davsp_lib.vsp import VisualSafetyPrompt, default_width
+from davsp_lib.data import prompts
+from davsp_lib.data.datasets import load_builtin
+from davsp_lib.data.records import Record
+from davsp_lib.evaluation.generation import generate_responses, make_defense
+from davsp_lib.evaluation.judges import RefusalJudge
+from davsp_lib.method import diagnostics, training, vectors
+from davsp_lib.method.vsp import VisualSafetyPrompt, default_width
+from davsp_lib.models.adapters import load_adapter
+from davsp_lib.models.inputs import canvas_for
 
 DTYPES = ("float32", "bfloat16")
 
@@ -196,7 +197,7 @@ def op_profile(models, text, batch_size):
     """One full-depth forward per dtype under the profiler: matmul vs other ops (Amdahl)."""
     from torch.profiler import profile
 
-    from davsp_lib.inputs import iter_batches
+    from davsp_lib.models.inputs import iter_batches
 
     records = balanced(text, batch_size)
     out = {}

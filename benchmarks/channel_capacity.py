@@ -2,7 +2,7 @@
 
 For each channel (``ocr``: the ring's 16 character slots; ``vit``: 144 ViT visual tokens, the
 44 centred on the ring being the border's positions) and on the same data, steps, batch plan and
-optimiser (the workbook's :func:`davsp_lib.training.train` machinery, DA hinge only):
+optimiser (the workbook's :func:`davsp_lib.method.training.train` machinery, DA hinge only):
 
 - **pixels**: the border (30-pixel ring, white at start) trained through the channel;
 - **free**: free vectors added to the input embeddings at the border's token positions (zero at
@@ -31,10 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from davsp_lib.diagnostics import study_data, suggest_margins
-from davsp_lib.embedded.model import EmbeddedAdapter
-from davsp_lib.inputs import canvas_for, conversation_for
-from davsp_lib.training import (
+from davsp_lib.method.diagnostics import study_data, suggest_margins
+from davsp_lib.method.training import (
     TrainConfig,
     TrainingSet,
     batch_plan,
@@ -43,8 +41,10 @@ from davsp_lib.training import (
     train,
     training_records,
 )
-from davsp_lib.vectors import extract, fit_vector
-from davsp_lib.vsp import VisualSafetyPrompt
+from davsp_lib.method.vectors import extract, fit_vector
+from davsp_lib.method.vsp import VisualSafetyPrompt
+from davsp_lib.models.embedded.model import EmbeddedAdapter
+from davsp_lib.models.inputs import canvas_for, conversation_for
 
 
 @contextlib.contextmanager
@@ -190,9 +190,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args(argv)
 
-    from davsp_lib.embedded.channel import DATA_DIR, load_connector, with_vision
-    from davsp_lib.embedded.model import load_embedded
-    from davsp_lib.embedded.vision import load_vit
+    from davsp_lib.models.embedded.channel import DATA_DIR, load_connector, with_vision
+    from davsp_lib.models.embedded.model import load_embedded
+    from davsp_lib.models.embedded.vision import load_vit
 
     base = load_embedded(args.model)
     results = []
@@ -216,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         capacity = result["capacity"]
         print(f"  capacity (pixels / free): {capacity if capacity is None else round(capacity, 3)}")
     if args.out:
-        from davsp_lib.io import atomic_write_json
+        from davsp_lib.runtime.io import atomic_write_json
 
         atomic_write_json(
             args.out, {"args": vars(args) | {"out": str(args.out)}, "results": results}

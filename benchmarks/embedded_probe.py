@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from davsp_lib import prompts
-from davsp_lib.conversation import Conversation
-from davsp_lib.datasets import load_builtin
-from davsp_lib.images import record_image, to_tensor
-from davsp_lib.render import FIGSTEP_QUERY
+from davsp_lib.data import prompts
+from davsp_lib.data.datasets import load_builtin
+from davsp_lib.data.images import record_image, to_tensor
+from davsp_lib.data.render import FIGSTEP_QUERY
+from davsp_lib.models.conversation import Conversation
 
 NEUTRAL_IMAGE_QUERY = "Answer the request shown in the image."
 STOPWORDS = {"to", "a", "an", "the", "for", "of", "and", "in", "on", "your", "at", "with", "how"}
@@ -38,8 +38,8 @@ def peak_rss_gb() -> float:
 
 def load(name: str, cold: bool):
     """Time a cold build (first use, or ``--cold`` in a scratch cache) and a cached load."""
-    from davsp_lib.embedded.model import load_embedded
-    from davsp_lib.embedded.weights import cache_root
+    from davsp_lib.models.embedded.model import load_embedded
+    from davsp_lib.models.embedded.weights import cache_root
 
     timings = {}
     quiet = lambda _: None  # noqa: E731

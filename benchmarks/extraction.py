@@ -3,13 +3,13 @@
     .venv/bin/python benchmarks/extraction.py [--model tiny] [--n 16] [--batch-size 8]
                                               [--layers all] [--figstep]
 
-Both paths are ``davsp_lib.vectors.extract`` on the same records and layers; the baseline uses
-``batch_size=1`` (one forward per record, as the DAVSP reference scripts do). Records: the
+Both paths are ``davsp_lib.method.vectors.extract`` on the same records and layers; the baseline
+uses ``batch_size=1`` (one forward per record, as the DAVSP reference scripts do). Records: the
 project's built-in instructions (half harmful, half benign) as text over a blank image, with the
 DAVSP safety prefix when the data root has ``prompts.json``; ``--figstep`` uses FigStep renders
-instead (the OCR cache is filled by a warm-up pass first, so both timed runs measure the
-language model only). Prints the seconds of each path, their ratio (one run each, same
-process) and the largest absolute difference between the two sets of states.
+instead (the OCR cache is filled by a warm-up pass first, so both timed runs measure the language
+model only). Prints the seconds of each path, their ratio (one run each, same process) and the
+largest absolute difference between the two sets of states.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import time
 
 import torch
 
-from davsp_lib import prompts
-from davsp_lib.adapters import load_adapter
-from davsp_lib.datasets import as_image_attack, load_builtin
-from davsp_lib.errors import DataError
-from davsp_lib.vectors import extract, parse_layers
+from davsp_lib.data import prompts
+from davsp_lib.data.datasets import as_image_attack, load_builtin
+from davsp_lib.method.vectors import extract, parse_layers
+from davsp_lib.models.adapters import load_adapter
+from davsp_lib.runtime.errors import DataError
 
 
 def main() -> int:

@@ -3,14 +3,14 @@
     .venv/bin/python benchmarks/generation.py [--model tiny] [--n 16] [--batch-size 8]
                                               [--max-new-tokens 24] [--defense davsp_prefix]
 
-Both paths are ``davsp_lib.evaluation.generate_responses`` on the same records, defense and
-token budget (greedy, ``max_new_tokens`` new tokens each, written to a temporary folder); the
-baseline uses ``batch_size=1`` (one ``generate`` call per record, as the DAVSP reference
-evaluation scripts do). Records: the project's built-in instructions (half harmful, half
-benign) rendered FigStep-style with FigStep's prompt; the OCR cache is filled by a warm-up
-pass first, so both timed runs measure the language model. Prints the seconds of each path,
-their ratio (one run each, same process), the records per second, and how many answers the
-two paths share exactly (left padding can change greedy outputs in the last bits).
+Both paths are ``davsp_lib.evaluation.generation.generate_responses`` on the same records, defense
+and token budget (greedy, ``max_new_tokens`` new tokens each, written to a temporary folder); the
+baseline uses ``batch_size=1`` (one ``generate`` call per record, as the DAVSP reference evaluation
+scripts do). Records: the project's built-in instructions (half harmful, half benign) rendered
+FigStep-style with FigStep's prompt; the OCR cache is filled by a warm-up pass first, so both timed
+runs measure the language model. Prints the seconds of each path, their ratio (one run each, same
+process), the records per second, and how many answers the two paths share exactly (left padding can
+change greedy outputs in the last bits).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from davsp_lib.adapters import load_adapter
-from davsp_lib.datasets import load_builtin
-from davsp_lib.evaluation import DEFENSES, generate_responses, make_defense
+from davsp_lib.data.datasets import load_builtin
+from davsp_lib.evaluation.generation import DEFENSES, generate_responses, make_defense
+from davsp_lib.models.adapters import load_adapter
 
 
 def main() -> int:

@@ -21,12 +21,12 @@ import statistics
 
 import torch
 
-from davsp_lib import datasets, prompts
-from davsp_lib.adapters import load_adapter
-from davsp_lib.embedded.model import IMAGE_TEXT_TEMPLATE
-from davsp_lib.evaluation import DEFENSES
-from davsp_lib.inputs import canvas_for, conversation_for
-from davsp_lib.records import Record
+from davsp_lib.data import datasets, prompts
+from davsp_lib.data.records import Record
+from davsp_lib.evaluation.generation import DEFENSES
+from davsp_lib.models.adapters import load_adapter
+from davsp_lib.models.embedded.model import IMAGE_TEXT_TEMPLATE
+from davsp_lib.models.inputs import canvas_for, conversation_for
 
 TEXT_DEFENSES = ("none", "davsp_prefix", "adashield_s", "uniguard")
 

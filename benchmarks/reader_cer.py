@@ -34,9 +34,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from davsp_lib.embedded.reader import TextReader, find_lines, to_gray
-from davsp_lib.images import to_tensor
-from davsp_lib.render import Rendered, encode, render_figstep, render_typo
+from davsp_lib.data.images import to_tensor
+from davsp_lib.data.render import Rendered, encode, render_figstep, render_typo
+from davsp_lib.models.embedded.reader import TextReader, find_lines, to_gray
 
 DEFAULT_DATA_ROOT = "/work/shared/data"
 CANVAS_SIDE = 336

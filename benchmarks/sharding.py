@@ -61,7 +61,7 @@ def same_bytes(a: Path, b: Path, suffixes: tuple[str, ...] = ("",)) -> bool:
 
 
 def compare_vectors(a: Path, b: Path) -> dict:
-    from davsp_lib.distributed import default_work_dir, merge_extraction
+    from davsp_lib.runtime.distributed import default_work_dir, merge_extraction
 
     acts_a = merge_extraction(default_work_dir(a)).states
     acts_b = merge_extraction(default_work_dir(b)).states

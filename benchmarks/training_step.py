@@ -24,10 +24,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from davsp_lib import datasets, prompts, training, vectors
-from davsp_lib.adapters import load_adapter
-from davsp_lib.adapters.base import IGNORE_INDEX
-from davsp_lib.vsp import VisualSafetyPrompt, default_width
+from davsp_lib.data import datasets, prompts
+from davsp_lib.method import training, vectors
+from davsp_lib.method.vsp import VisualSafetyPrompt, default_width
+from davsp_lib.models.adapters import load_adapter
+from davsp_lib.models.adapters.base import IGNORE_INDEX
 
 REFERENCE_LENGTH = 1024
 

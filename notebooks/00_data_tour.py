@@ -31,8 +31,9 @@ figures_dir: str = "figures/00_data_tour"  # PNG + SVG
 # %%
 from pathlib import Path
 
-from davsp_lib import datasets, images, plots, render, splits
-from davsp_lib import notebook as nb
+from davsp_lib.data import datasets, images, render, splits
+from davsp_lib.runtime import notebook as nb
+from davsp_lib.runtime import plots
 
 parameters = nb.parameters(
     globals(), __annotations__, examples_per_source=nb.between(1, 12),

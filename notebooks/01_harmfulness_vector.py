@@ -50,7 +50,7 @@
 #   `harmless_train` instructions the vector did not use (text over a blank image, and rendered
 #   FigStep-style), plus the topic-matched pairs. The held-out split is only reported.
 # - **`pools="paper"`** replaces all of the above by the paper's disjoint pools
-#   (`davsp_lib.pools`): vector = VLGuard 470 + 470 instructions (text over a blank image: the
+#   (`davsp_lib.data.pools`): vector = VLGuard 470 + 470 instructions (text over a blank image: the
 #   mirror has no VLGuard images), selection = 100 + 100 more VLGuard and 100 MM-SafetyBench
 #   TYPO images, held-out = `n_heldout` per part of the evaluation pool (VLGuard test text,
 #   MM-SafetyBench TYPO, MM-Vet). A pool that cannot supply what is asked is an error.
@@ -66,7 +66,7 @@ dtype: str = "auto"  # model dtype: auto, float32, bfloat16, float16. auto: a bf
 device: str = ""  # empty: the default (CPU); e.g. cuda
 data_root: str = ""  # benchmark mirror; "": $DAVSP_DATA_ROOT, else ../shared/data
 use_mirror: bool = True  # False: only the built-in dataset written by the project
-pools: str = ""  # "paper": the paper's disjoint data pools (davsp_lib.pools); "": splits below
+pools: str = ""  # "paper": the paper's disjoint data pools (davsp_lib.data.pools); "": splits below
 layer_choice: str = "data"  # "data": from the selection split; "reference": 20 of 40, 27 / -2
 n_vector: int = 48  # records per class in the vector split
 n_heldout: int = 32  # records per class held out (each also rendered FigStep-style)
@@ -89,11 +89,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from davsp_lib import diagnostics, plots, prompts, recipe, vectors
-from davsp_lib import notebook as nb
-from davsp_lib import pools as pools_lib
-from davsp_lib.adapters import load_adapter
-from davsp_lib.errors import DataError
+from davsp_lib.data import pools as pools_lib
+from davsp_lib.data import prompts
+from davsp_lib.method import diagnostics, vectors
+from davsp_lib.models.adapters import load_adapter
+from davsp_lib.runtime import notebook as nb
+from davsp_lib.runtime import plots, recipe
+from davsp_lib.runtime.errors import DataError
 
 parameters = nb.parameters(
     globals(), __annotations__, pools=nb.one_of("", *pools_lib.PRESET_POOLS),

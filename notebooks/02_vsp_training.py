@@ -35,13 +35,14 @@
 # over the whole image, no padding), `vsp_output` (border with the output loss only: a refusal on
 # malicious inputs, the reference answer on benign ones) and `uniguard` (ε-bounded additive noise
 # trained to make the model refuse malicious inputs). Two more baselines of the paper's table train
-# in their own modules: `esiii` (`davsp_lib.esiii`: a defensive image optimised from a blank start
-# so that the model describes it as a corpus of security instructions; at inference it is fused with
-# the user image and a text instruction goes with the query) and `pat` (`davsp_lib.pat`: Prompt
-# Adversarial Tuning, a token prefix tuned by GCG against a GCG attacker). `adashield_a`
-# (`davsp_lib.adashield`) trains nothing: it embeds the MM-SafetyBench TYPO records of the training
-# data (all-MiniLM-L6-v2 in place of CLIP) as AdaShield-A's retrieval pool, one defense prompt per
-# scenario; it needs such records (`pools`), and asking for it without them is an error.
+# in their own modules: `esiii` (`davsp_lib.evaluation.defenses.esiii`: a defensive image optimised
+# from a blank start so that the model describes it as a corpus of security instructions; at
+# inference it is fused with the user image and a text instruction goes with the query) and `pat`
+# (`davsp_lib.evaluation.defenses.pat`: Prompt Adversarial Tuning, a token prefix tuned by GCG
+# against a GCG attacker). `adashield_a` (`davsp_lib.evaluation.defenses.adashield`) trains nothing:
+# it embeds the MM-SafetyBench TYPO records of the training data (all-MiniLM-L6-v2 in place of CLIP)
+# as AdaShield-A's retrieval pool, one defense prompt per scenario; it needs such records (`pools`),
+# and asking for it without them is an error.
 
 # %% tags=["parameters"]
 # Parameters (papermill)
@@ -58,7 +59,7 @@ mu_plus: float = 0.0  # used when margins_from_vector is False
 mu_minus: float = 0.0  # used when margins_from_vector is False
 data_root: str = ""  # benchmark mirror; "": $DAVSP_DATA_ROOT, else ../shared/data
 use_mirror: bool = True  # False: the built-in dataset only
-pools: str = ""  # "paper": the paper's training pool (davsp_lib.pools; n_train/n_mmvet unused)
+pools: str = ""  # "paper": the paper's training pool (davsp_lib.data.pools; n_train/n_mmvet unused)
 n_train: int = 32  # training records per class
 n_heldout: int = 16  # held-out records per class (projections before/after)
 n_mmvet: int = 0  # MM-Vet photos added to the benign training side (reference answers)
@@ -101,11 +102,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from davsp_lib import adashield, esiii, pat, plots, prompts, training, uniguard, vectors
-from davsp_lib import notebook as nb
-from davsp_lib import pools as pools_lib
-from davsp_lib.adapters import load_adapter
-from davsp_lib.vsp import VisualSafetyPrompt, default_width
+from davsp_lib.data import pools as pools_lib
+from davsp_lib.data import prompts
+from davsp_lib.evaluation.defenses import adashield, esiii, pat, uniguard
+from davsp_lib.method import training, vectors
+from davsp_lib.method.vsp import VisualSafetyPrompt, default_width
+from davsp_lib.models.adapters import load_adapter
+from davsp_lib.runtime import notebook as nb
+from davsp_lib.runtime import plots
 
 positive = ("steps", "ablation_steps", "answer_tokens", "checkpoint_every", "esiii_steps",
             "uniguard_steps", "pat_steps", "pat_control_len", "pat_candidates", "pat_topk",
@@ -336,7 +340,7 @@ views = [VisualSafetyPrompt(main.snapshots[s], main.prompt.kind, main.prompt.wid
 fig = plots.image_grid(views, [f"{main_variant}: step {s}" for s in steps_shown],
                        ncols=min(5, len(views)))
 nb.save_figure(fig, figures_dir, "border_snapshots")
-from davsp_lib.images import record_image, to_pil, to_tensor
+from davsp_lib.data.images import record_image, to_pil, to_tensor
 
 example = data.heldout_malicious[0]
 composed = main.prompt.compose(to_tensor(record_image(example)))

@@ -92,13 +92,17 @@ import pandas as pd
 from IPython.display import display
 from PIL import Image
 
-from davsp_lib import adashield, datasets, evaluation, judges, metrics, plots, vectors
-from davsp_lib import notebook as nb
-from davsp_lib import pools as pools_lib
-from davsp_lib.adapters import load_adapter
-from davsp_lib.errors import DataError
-from davsp_lib.images import record_image, to_tensor
-from davsp_lib.io import atomic_write_json, atomic_write_text
+from davsp_lib.data import datasets
+from davsp_lib.data import pools as pools_lib
+from davsp_lib.data.images import record_image, to_tensor
+from davsp_lib.evaluation import generation, judges, metrics
+from davsp_lib.evaluation.defenses import adashield
+from davsp_lib.method import vectors
+from davsp_lib.models.adapters import load_adapter
+from davsp_lib.runtime import notebook as nb
+from davsp_lib.runtime import plots
+from davsp_lib.runtime.errors import DataError
+from davsp_lib.runtime.io import atomic_write_json, atomic_write_text
 
 counts = ("n_figstep", "n_mmsb", "n_harmful_val", "n_harmless_val", "n_mmvet", "n_examples")
 parameters = nb.parameters(
@@ -110,7 +114,7 @@ defense_names = [name.strip() for name in defenses.split(",") if name.strip()]
 if not defense_names:
     raise nb.ParameterError("parameter 'defenses' names no defense")
 for name in defense_names:
-    nb.check("defenses", name, str, choices=list(evaluation.DEFENSES))
+    nb.check("defenses", name, str, choices=list(generation.DEFENSES))
 output_dir, figures_dir = Path(output_dir), Path(figures_dir)
 
 # %%
@@ -128,7 +132,7 @@ try:
 except (DataError, KeyError) as error:
     vector = None
     print(f"note: no projections (no usable harmfulness vector at {vector_path!r}: {error})")
-chosen, skipped = evaluation.load_defenses(
+chosen, skipped = generation.load_defenses(
     defense_names, training_dir=training_dir or None, adapter=adapter
 )
 for name, reason in skipped.items():
@@ -141,7 +145,7 @@ mirror_root = nb.mirror_root(use_mirror, data_root)
 
 
 def sample(records, n, key=lambda r: r.category):
-    return evaluation.stratified_sample(list(records), n, seed=seed, key=key)
+    return generation.stratified_sample(list(records), n, seed=seed, key=key)
 
 
 def rendered(split, n):
@@ -184,14 +188,14 @@ else:
 used = set()
 for artifact in [d.vsp for d in chosen] + [d.trained for d in chosen] + [vector]:
     if artifact is not None:
-        used |= evaluation.artifact_ids(artifact.metadata)
+        used |= generation.artifact_ids(artifact.metadata)
 for name in list(benchmarks):
-    benchmarks[name], dropped = evaluation.exclude_used(benchmarks[name], used)
+    benchmarks[name], dropped = generation.exclude_used(benchmarks[name], used)
     if dropped:
         print(f"note: {len(dropped)} {name} records dropped (training data of an artifact)")
     if not benchmarks[name]:
         del benchmarks[name]
-pooled = evaluation.pool_benchmarks(benchmarks, need_both=True)
+pooled = generation.pool_benchmarks(benchmarks, need_both=True)
 records, benchmark_of, sizes = pooled.records, pooled.benchmark_of, pooled.sizes
 n_mal, n_ben = pooled.n_malicious, pooled.n_benign
 print(pooled.describe())
@@ -231,7 +235,7 @@ if pictures:
 responses, seconds = {}, {}
 for defense in chosen:
     start = time.perf_counter()
-    responses[defense.name] = evaluation.generate_responses(
+    responses[defense.name] = generation.generate_responses(
         adapter, records, defense, output_dir / "responses" / f"{defense.name}.jsonl",
         batch_size=batch_size, max_new_tokens=max_new_tokens, vector=vector, layer=layer,
     )

@@ -17,7 +17,7 @@
 # same experiment on the loaded model, sweeps α from negative to positive, and adds VLM-Guard's
 # projection removal `h ← h − (h·v)v` as a comparison.
 #
-# **How** (`davsp_lib.intervention`): `steer(adapter, v, layer, alpha, positions)` and
+# **How** (`davsp_lib.method.intervention`): `steer(adapter, v, layer, alpha, positions)` and
 # `ablate(adapter, v, layer)` are context managers around forward hooks on the language block
 # whose output is layer `l` (layer 0 = embeddings, layer `l` = output of block `l − 1`); the
 # hooks are removed on exit, even when the body raises. `positions="all"` edits every prompt
@@ -77,10 +77,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from davsp_lib import intervention, judges, metrics, prompts, vectors
-from davsp_lib import notebook as nb
-from davsp_lib.adapters import load_adapter
-from davsp_lib.inputs import iter_batches
+from davsp_lib.data import prompts
+from davsp_lib.evaluation import judges, metrics
+from davsp_lib.method import intervention, vectors
+from davsp_lib.models.adapters import load_adapter
+from davsp_lib.models.inputs import iter_batches
+from davsp_lib.runtime import notebook as nb
 
 parameters = nb.parameters(
     globals(), __annotations__, layer=nb.at_least(-1), alphas={"finite": True},

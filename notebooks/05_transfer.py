@@ -14,7 +14,7 @@
 # The paper trains the border on LLaVA-1.5-13B and shows that it still raises RSR on Qwen2-VL-7B,
 # DeepSeek-VL-7B and LLaVA-1.5-7B. Here the border from notebook 02 (trained on model A) is
 # **resampled to model B's canvas** (bilinear, antialiased, in [0, 1] pixel space; the ring width
-# scales with the canvas; `davsp_lib.transfer.transfer`) and each model applies its own
+# scales with the canvas; `davsp_lib.evaluation.transfer.transfer`) and each model applies its own
 # normalisation afterwards. B is evaluated exactly as notebook 03 evaluates a defense (greedy,
 # the same records, the same refusal-string judge), in three rows:
 #
@@ -73,12 +73,14 @@ import numpy as np
 import pandas as pd
 from IPython.display import display
 
-from davsp_lib import evaluation, judges, metrics, plots, transfer, vectors
-from davsp_lib import notebook as nb
-from davsp_lib.adapters import load_adapter
-from davsp_lib.errors import DataError
-from davsp_lib.images import record_image, to_tensor
-from davsp_lib.vsp import VisualSafetyPrompt
+from davsp_lib.data.images import record_image, to_tensor
+from davsp_lib.evaluation import generation, judges, metrics, transfer
+from davsp_lib.method import vectors
+from davsp_lib.method.vsp import VisualSafetyPrompt
+from davsp_lib.models.adapters import load_adapter
+from davsp_lib.runtime import notebook as nb
+from davsp_lib.runtime import plots
+from davsp_lib.runtime.errors import DataError
 
 counts = ("b_canvas", "b_border_width", "n_figstep", "n_harmful_val", "n_harmless_val")
 parameters = nb.parameters(
@@ -111,11 +113,11 @@ print(f"{border_path}: {border.kind}, canvas {border.canvas}, width {border.widt
 
 # %%
 mirror_root = nb.mirror_root(use_mirror, data_root)
-used = evaluation.artifact_ids(border.metadata)
+used = generation.artifact_ids(border.metadata)
 vector, layer = None, None
 try:
     vector = vectors.HarmfulnessVector.load(vector_path)
-    used |= evaluation.artifact_ids(vector.metadata)
+    used |= generation.artifact_ids(vector.metadata)
     layer = int(vector.metadata["diagnostics"]["chosen_layer"])
 except (DataError, KeyError) as error:
     vector = None
@@ -126,7 +128,7 @@ benchmarks, data_notes = transfer.evaluation_sets(
 )
 for note in data_notes:
     print("note:", note)
-pooled = evaluation.pool_benchmarks(benchmarks, need_both=True)
+pooled = generation.pool_benchmarks(benchmarks, need_both=True)
 records, benchmark_of, sizes = pooled.records, pooled.benchmark_of, pooled.sizes
 n_mal, n_ben = pooled.n_malicious, pooled.n_benign
 print(pooled.describe())
@@ -156,7 +158,7 @@ def projecting(adapter):  # A's vector where it applies (the same language model
 def evaluate(tag, adapter, defense):
     key = f"{tag}:{defense.name}"
     start = time.perf_counter()
-    responses[key] = evaluation.generate_responses(
+    responses[key] = generation.generate_responses(
         adapter, records, defense, output_dir / "responses" / f"{tag}_{defense.name}.jsonl",
         batch_size=batch_size, max_new_tokens=max_new_tokens, vector=projecting(adapter),
         layer=layer,
@@ -174,14 +176,14 @@ if a_rows:
         raise nb.ParameterError(f"the border was trained on {source_model['model_id']!r}, "
                                 f"model_a loads {info_a['model_id']!r}")
     border.check_canvas(adapter_a, source=border_path)
-    prefix = evaluation.make_defense("davsp_prefix", root=mirror_root)
-    own = evaluation.Defense(
+    prefix = generation.make_defense("davsp_prefix", root=mirror_root)
+    own = generation.Defense(
         name="davsp", label=f"own border ({variant}) + prefix", safety_prompt=prefix.safety_prompt,
         placement=prefix.placement, prompt_name=prefix.prompt_name, vsp=border, variant=variant,
         source=str(border_path),
     )
     for name in a_rows:
-        evaluate("A", adapter_a, own if name == "davsp" else evaluation.make_defense("none"))
+        evaluate("A", adapter_a, own if name == "davsp" else generation.make_defense("none"))
     example_a = border.compose(to_tensor(record_image(next(r for r in records if r.is_malicious))))
     seen_a = adapter_a.perceive(example_a[None])[0]  # empty unless its visual input is text
     del adapter_a

@@ -79,10 +79,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from davsp_lib import ecso, evaluation, judges, metrics, transfer, vectors
-from davsp_lib import notebook as nb
-from davsp_lib.adapters import load_adapter
-from davsp_lib.errors import DataError
+from davsp_lib.evaluation import ecso, generation, judges, metrics, transfer
+from davsp_lib.method import vectors
+from davsp_lib.models.adapters import load_adapter
+from davsp_lib.runtime import notebook as nb
+from davsp_lib.runtime.errors import DataError
 
 counts = ("n_figstep", "n_harmful_val", "n_harmless_val", "n_mmvet", "n_examples")
 tokens = ("max_new_tokens", "check_tokens", "caption_tokens")
@@ -98,8 +99,8 @@ start_all = time.perf_counter()
 adapter = load_adapter(model, dtype=dtype, device_map=device or None)
 model_id = adapter.info()["model_id"]
 mirror_root = nb.mirror_root(use_mirror, data_root)
-none = evaluation.make_defense("none", root=mirror_root)
-found, skipped = evaluation.load_defenses(
+none = generation.make_defense("none", root=mirror_root)
+found, skipped = generation.load_defenses(
     ["davsp"], training_dir=training_dir or None, adapter=adapter, root=mirror_root
 )
 davsp = found[0] if found else None
@@ -108,9 +109,9 @@ if davsp is None:
 pipelines = ecso.standard_pipelines(none, davsp)
 if oracle:
     pipelines.append(ecso.ECSOPipeline("ecso_oracle", "ECSO, oracle self-check", none))
-used = evaluation.artifact_ids(davsp.vsp.metadata) if davsp else set()
+used = generation.artifact_ids(davsp.vsp.metadata) if davsp else set()
 try:
-    used |= evaluation.artifact_ids(vectors.HarmfulnessVector.load(vector_path).metadata)
+    used |= generation.artifact_ids(vectors.HarmfulnessVector.load(vector_path).metadata)
 except DataError as error:
     print(f"note: vector not read ({error}); only the border's training data is left out")
 benchmarks, data_notes = transfer.evaluation_sets(
@@ -120,7 +121,7 @@ benchmarks, data_notes = transfer.evaluation_sets(
 )
 for note in data_notes:
     print("note:", note)
-pooled = evaluation.pool_benchmarks(benchmarks, need_both=True)
+pooled = generation.pool_benchmarks(benchmarks, need_both=True)
 records, benchmark_of, sizes = pooled.records, pooled.benchmark_of, pooled.sizes
 n_mal, n_ben = pooled.n_malicious, pooled.n_benign
 print(f"{model_id}: {pooled.describe()}; "
@@ -137,7 +138,7 @@ common = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
 rows, seconds, labels = {}, {}, {}
 for defense in [none] + ([davsp] if davsp else []):
     start = time.perf_counter()
-    rows[defense.name] = evaluation.generate_responses(
+    rows[defense.name] = generation.generate_responses(
         adapter, records, defense, output_dir / "responses" / f"{defense.name}.jsonl", **common
     )
     seconds[defense.name] = round(time.perf_counter() - start, 1)

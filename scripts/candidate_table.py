@@ -3,7 +3,7 @@
     PYTHONPATH=. .venv/bin/python scripts/candidate_table.py --models tiny small --n 20 \\
         --out runs/candidates
 
-For each candidate (any name :func:`davsp_lib.adapters.load_adapter` takes), greedy decoding,
+For each candidate (any name :func:`davsp_lib.models.adapters.load_adapter` takes), greedy decoding,
 ``--max-new-tokens`` (24) new tokens, judge: JailbreakBench refusal strings
 (``judges.RefusalJudge("jailbreakbench")``), held-out instructions only (text-prompts
 ``harmful_val`` / ``harmless_val`` of the data mirror, minus any group the vector was fitted or
@@ -45,7 +45,7 @@ Output: ``<out>/candidates.json`` (written atomically after every part: paramete
 model info, per-part results and wall times, the decision) and a markdown table printed at the
 end (also ``<out>/candidates.md``). Each (model, part) is stored in ``<out>/<model>/<part>.json``
 with a key of everything that produced it, so a rerun resumes; generation files are resumable
-per batch (:func:`davsp_lib.evaluation.generate_responses`).
+per batch (:func:`davsp_lib.evaluation.generation.generate_responses`).
 """
 
 from __future__ import annotations
@@ -352,7 +352,9 @@ class Table:
     """The run: parameters, per-candidate parts, written atomically after every part."""
 
     def __init__(self, args: argparse.Namespace, root: Path):
-        from davsp_lib import datasets, diagnostics, intervention, judges
+        from davsp_lib.data import datasets
+        from davsp_lib.evaluation import judges
+        from davsp_lib.method import diagnostics, intervention
 
         self.args, self.root = args, root
         self.out = Path(args.out)
@@ -416,7 +418,7 @@ class Table:
         }
 
     def save(self) -> dict[str, Any]:
-        from davsp_lib.io import atomic_write_json
+        from davsp_lib.runtime.io import atomic_write_json
 
         result = self.result()
         atomic_write_json(self.out / "candidates.json", result)
@@ -441,7 +443,7 @@ def _generate(
     blank_image: bool,
 ) -> list[dict[str, Any]]:
     """Greedy responses (resumable per batch) in ``<out>/<model>/responses/<name>.jsonl``."""
-    from davsp_lib.evaluation import generate_responses, make_defense
+    from davsp_lib.evaluation.generation import generate_responses, make_defense
 
     args = ctx["args"]
     defense = make_defense(defense_name, root=ctx["root"])
@@ -507,7 +509,8 @@ def part_d(ctx: dict[str, Any]) -> dict[str, Any]:
     """Notebook 01's vector, reports and data-driven layer choice (its cells, condensed)."""
     import numpy as np
 
-    from davsp_lib import diagnostics, prompts, vectors
+    from davsp_lib.data import prompts
+    from davsp_lib.method import diagnostics, vectors
 
     args, adapter, data = ctx["args"], ctx["adapter"], ctx["study"]
     layer_list = vectors.parse_layers(args.layers, adapter.num_layers)
@@ -600,8 +603,8 @@ def part_d(ctx: dict[str, Any]) -> dict[str, Any]:
 
 def part_e(ctx: dict[str, Any]) -> dict[str, Any]:
     """Notebook 04's steering sweep (all positions, no safety prefix) at d's chosen layer."""
-    from davsp_lib import intervention, vectors
-    from davsp_lib.inputs import iter_batches
+    from davsp_lib.method import intervention, vectors
+    from davsp_lib.models.inputs import iter_batches
 
     args, adapter = ctx["args"], ctx["adapter"]
     vector = vectors.HarmfulnessVector.load(ctx["dir"] / "harmfulness_vector", adapter)
@@ -697,8 +700,9 @@ def _part_key(table: Table, model: str, info: Mapping[str, Any], part: str) -> d
 
 
 def run_candidate(table: Table, model: str) -> None:
-    from davsp_lib import intervention, judges
-    from davsp_lib.adapters import load_adapter
+    from davsp_lib.evaluation import judges
+    from davsp_lib.method import intervention
+    from davsp_lib.models.adapters import load_adapter
 
     args = table.args
     print(f"== {model}: loading", flush=True)
@@ -754,7 +758,7 @@ def run_candidate(table: Table, model: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from davsp_lib.datasets import data_root
+    from davsp_lib.data.datasets import data_root
 
     args = build_parser().parse_args(argv)
     check_args(args)
@@ -768,7 +772,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     table.finished = True
     result = table.save()
     table_md = markdown_table(result)
-    from davsp_lib.io import atomic_write_text
+    from davsp_lib.runtime.io import atomic_write_text
 
     atomic_write_text(table.out / "candidates.md", table_md + "\n")
     print(table_md)

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     import torch
 
-    from davsp_lib.vsp import VisualSafetyPrompt
+    from davsp_lib.method.vsp import VisualSafetyPrompt
 
     a = VisualSafetyPrompt.load(work / "straight" / "davsp")
     b = VisualSafetyPrompt.load(killed_dir / "davsp")

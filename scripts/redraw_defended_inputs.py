@@ -17,12 +17,14 @@ from pathlib import Path
 
 import torch
 
-from davsp_lib import datasets, evaluation, plots
-from davsp_lib import notebook as nb
-from davsp_lib.embedded.model import EmbeddedAdapter
-from davsp_lib.embedded.reader import TextReader, load_crnn
-from davsp_lib.images import record_image, to_pil, to_tensor
-from davsp_lib.io import read_json
+from davsp_lib.data import datasets
+from davsp_lib.data.images import record_image, to_pil, to_tensor
+from davsp_lib.evaluation import generation
+from davsp_lib.models.embedded.model import EmbeddedAdapter
+from davsp_lib.models.embedded.reader import TextReader, load_crnn
+from davsp_lib.runtime import notebook as nb
+from davsp_lib.runtime import plots
+from davsp_lib.runtime.io import read_json
 
 
 class ReaderOnly:
@@ -50,7 +52,7 @@ def main(run_dir: str, record_id: str, out_dir: str) -> int:
     if parameters["model"] not in ("tiny", "small"):
         raise SystemExit(f"{run}: model {parameters['model']!r} is not an embedded model")
     names = [n.strip() for n in parameters["defenses"].split(",") if n.strip()]
-    chosen, _ = evaluation.load_defenses(names, training_dir=run / "02_vsp_training")
+    chosen, _ = generation.load_defenses(names, training_dir=run / "02_vsp_training")
     record = next(r for r in datasets.load_figstep(images="mirror") if r.id == record_id)
     adapter = ReaderOnly()
     raw = to_tensor(record_image(record))

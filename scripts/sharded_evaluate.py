@@ -1,4 +1,4 @@
-"""Generate responses under a defense over N processes (``evaluation.generate_responses``).
+"""Generate responses under a defense over N processes (``generation.generate_responses``).
 
     # one process (no launcher needed)
     .venv/bin/python scripts/sharded_evaluate.py --model tiny --defense none --out runs/ev/r.jsonl
@@ -9,7 +9,7 @@
 Records: ``--data`` is ``builtin-figstep`` / ``builtin-typo`` / ``builtin-text`` (the project's
 own instructions), ``figstep`` (SafeBench), ``mmsafetybench`` (TYPO) or ``mmvet`` from the data
 mirror; ``--limit`` keeps a seeded, category-stratified sample. ``--defense`` is one of
-``evaluation.DEFENSES`` (trained ones read ``--training-dir``); ``--vector`` adds each input's
+``generation.DEFENSES`` (trained ones read ``--training-dir``); ``--vector`` adds each input's
 projection on the harmfulness vector.
 
 The batches are those of a single-process run (``--batch-size``), spread over the ranks; each is
@@ -25,8 +25,8 @@ import json
 import time
 from pathlib import Path
 
-from davsp_lib import distributed
-from davsp_lib.records import Record
+from davsp_lib.data.records import Record
+from davsp_lib.runtime import distributed
 
 DATA = ("builtin-figstep", "builtin-typo", "builtin-text", "figstep", "mmsafetybench", "mmvet")
 
@@ -48,8 +48,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _records(name: str, root: str | None, limit: int, seed: int) -> list[Record]:
-    from davsp_lib import datasets
-    from davsp_lib.evaluation import stratified_sample
+    from davsp_lib.data import datasets
+    from davsp_lib.evaluation.generation import stratified_sample
 
     if name.startswith("builtin-"):
         data = datasets.load_builtin(name.removeprefix("builtin-"))
@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     start = time.perf_counter()
     ctx = distributed.dist_context()
-    from davsp_lib.evaluation import make_defense
-    from davsp_lib.vectors import HarmfulnessVector
+    from davsp_lib.evaluation.generation import make_defense
+    from davsp_lib.method.vectors import HarmfulnessVector
 
     root = args.data_root or None
     records = _records(args.data, root, args.limit, args.seed)

@@ -27,9 +27,11 @@ import json
 import time
 from pathlib import Path
 
-from davsp_lib import distributed, prompts, vectors
-from davsp_lib.errors import DataError
-from davsp_lib.records import Record
+from davsp_lib.data import prompts
+from davsp_lib.data.records import Record
+from davsp_lib.method import vectors
+from davsp_lib.runtime import distributed
+from davsp_lib.runtime.errors import DataError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _records(args: argparse.Namespace, root: Path | None) -> tuple[list[Record], str]:
-    from davsp_lib import datasets, diagnostics
+    from davsp_lib.data import datasets
+    from davsp_lib.method import diagnostics
 
     if args.data == "builtin":
         text = datasets.load_builtin("text")
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     start = time.perf_counter()
     ctx = distributed.dist_context()
-    from davsp_lib.datasets import data_root
+    from davsp_lib.data.datasets import data_root
 
     root = None
     if not args.no_mirror:

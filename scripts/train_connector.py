@@ -5,7 +5,7 @@
 
 Rerunning on the same ``--work`` folder resumes (features and training). The objective (caption
 cross-entropy on synthetic images, LM and ViT frozen) is fixed; see
-:mod:`davsp_lib.embedded.connector_training`.
+:mod:`davsp_lib.models.embedded.connector_training`.
 """
 
 from __future__ import annotations
@@ -17,17 +17,17 @@ from pathlib import Path
 
 import torch
 
-from davsp_lib.embedded.channel import save_connector
-from davsp_lib.embedded.connector_training import ConnectorConfig, evaluate, train_connector
-from davsp_lib.embedded.synthetic import make_example
-from davsp_lib.embedded.vision import find_vit_onnx, load_vit, patch_grid
+from davsp_lib.models.embedded.channel import save_connector
+from davsp_lib.models.embedded.connector_training import ConnectorConfig, evaluate, train_connector
+from davsp_lib.models.embedded.synthetic import make_example
+from davsp_lib.models.embedded.vision import find_vit_onnx, load_vit, patch_grid
 
 
 def vit_grids(indices: list[int], seed: int, path: Path, batch: int = 4) -> torch.Tensor:
     """ViT patch grids of the synthetic images, computed once and cached (atomic safetensors)."""
     from safetensors.torch import load_file, save
 
-    from davsp_lib.io import atomic_write_bytes
+    from davsp_lib.runtime.io import atomic_write_bytes
 
     if path.is_file():  # a cache of a longer contiguous range starting at the same index serves
         from safetensors import safe_open
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from davsp_lib.embedded.weights import model_dir
+    from davsp_lib.models.embedded.weights import model_dir
 
     began = time.perf_counter()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         "objective": "caption cross-entropy (LLaVA stage-1 feature alignment); LM and ViT frozen",
         "prompt": "<144 visual tokens>\\nDescribe the image. (chat template, no OCR text)",
         "data": {
-            "generator": "davsp_lib.embedded.synthetic.make_example(seed, index)",
+            "generator": "davsp_lib.models.embedded.synthetic.make_example(seed, index)",
             "train_indices": [0, args.train],
             "held_out_indices": [args.train, args.train + args.held_out],
             "content": "background colour, optional ring frame colour, 1-3 lines of neutral "

@@ -46,15 +46,15 @@ def embedded_tiny_or_skip(dtype: str = "float32"):
     float32 unless asked: these tests compare paths (batched / per sample, cached / uncached)
     to float32 rounding; the bfloat16 default is tested in ``test_embedded_model.py``.
     """
-    from davsp_lib.embedded.reader import find_weights
-    from davsp_lib.embedded.weights import SOURCES, MissingPartError
+    from davsp_lib.models.embedded.reader import find_weights
+    from davsp_lib.models.embedded.weights import SOURCES, MissingPartError
 
     try:
         SOURCES["tiny"].part_paths()
         find_weights()
     except (MissingPartError, FileNotFoundError) as error:
         pytest.skip(f"embedded model not installed: {error}")
-    from davsp_lib.adapters import load_adapter
+    from davsp_lib.models.adapters import load_adapter
 
     return load_adapter("tiny", dtype=dtype)
 
@@ -62,7 +62,7 @@ def embedded_tiny_or_skip(dtype: str = "float32"):
 @pytest.fixture(scope="module")
 def llava():
     """The tiny random LLaVA (seed 0), built once per test module."""
-    from davsp_lib.adapters.tiny import build_tiny_llava
+    from davsp_lib.models.adapters.tiny import build_tiny_llava
 
     return build_tiny_llava(seed=0)
 
@@ -70,7 +70,7 @@ def llava():
 def mixed_records(n_malicious: int, n_benign: int, as_figstep: list[tuple[str, int]]) -> list:
     """The first built-in text records of each label, with ``(label, index)`` picks of them
     also rendered as FigStep images: ``(malicious, benign, images)`` for a fixture to order."""
-    from davsp_lib.datasets import as_image_attack, load_builtin
+    from davsp_lib.data.datasets import as_image_attack, load_builtin
 
     text = load_builtin("text")
     malicious = [r for r in text if r.is_malicious][:n_malicious]

@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 
 import davsp_lib
-from davsp_lib.adapters import check_pixels, load_adapter
-from davsp_lib.adapters.base import IGNORE_INDEX, PAD_AND_RESIZE
-from davsp_lib.adapters.llava import LLAVA_V1_SYSTEM
-from davsp_lib.adapters.qwen2_vl import Qwen2VLAdapter
-from davsp_lib.adapters.tiny import build_tiny_llava, build_tiny_qwen2_vl, save_tiny
-from davsp_lib.conversation import Conversation
+from davsp_lib.models.adapters import check_pixels, load_adapter
+from davsp_lib.models.adapters.base import IGNORE_INDEX, PAD_AND_RESIZE
+from davsp_lib.models.adapters.llava import LLAVA_V1_SYSTEM
+from davsp_lib.models.adapters.qwen2_vl import Qwen2VLAdapter
+from davsp_lib.models.adapters.tiny import build_tiny_llava, build_tiny_qwen2_vl, save_tiny
+from davsp_lib.models.conversation import Conversation
 
 BUILDERS = {"llava": build_tiny_llava, "qwen2_vl": build_tiny_qwen2_vl}
 CONVERSATIONS = [
@@ -293,7 +293,7 @@ DAVSP_PREFIX = (
 
 
 def test_davsp_prefix_is_the_reference_text():
-    from davsp_lib import prompts
+    from davsp_lib.data import prompts
 
     assert prompts.text("davsp_safety_prefix") == DAVSP_PREFIX
 
@@ -377,7 +377,7 @@ def test_llava_needs_no_token_types():
 def test_qwen_native_resizing_option():
     from transformers import Qwen2VLImageProcessorPil
 
-    from davsp_lib.adapters.qwen2_vl import canvas_option, native_size
+    from davsp_lib.models.adapters.qwen2_vl import canvas_option, native_size
 
     # Qwen2-VL-7B-Instruct's preprocessor_config: min_pixels 3136, max_pixels 12845056
     processor = Qwen2VLImageProcessorPil(

@@ -1,4 +1,4 @@
-"""The one table of supported models (davsp_lib.adapters.registry): lookups, dispatch, errors.
+"""The one table of supported models (davsp_lib.models.adapters.registry): lookups, errors.
 
 The embedded loader is replaced by a recorder here, so these tests need no model weights; the
 real embedded models are loaded in test_embedded_model.py and test_embedded_channel.py.
@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from davsp_lib.adapters import REGISTRY, adapter_for, is_embedded, load_adapter, supported
-from davsp_lib.adapters.llava import LlavaAdapter
-from davsp_lib.adapters.qwen2_vl import Qwen2VLAdapter
-from davsp_lib.adapters.tiny import build_tiny_llava
-from davsp_lib.errors import UnsupportedModelError
+from davsp_lib.models.adapters import REGISTRY, adapter_for, is_embedded, load_adapter, supported
+from davsp_lib.models.adapters.llava import LlavaAdapter
+from davsp_lib.models.adapters.qwen2_vl import Qwen2VLAdapter
+from davsp_lib.models.adapters.tiny import build_tiny_llava
+from davsp_lib.runtime.errors import UnsupportedModelError
 
 SUPPORTED = (
     "embedded models small, small-vit, tiny, tiny-vit; Hugging Face checkpoints whose "
@@ -42,7 +42,7 @@ def test_one_table_names_every_adapter():
 @pytest.fixture
 def embedded_calls(monkeypatch):
     """Record what the registry asks the embedded loader for (no weights needed)."""
-    import davsp_lib.embedded.model as embedded
+    import davsp_lib.models.embedded.model as embedded
 
     calls: list[dict] = []
     monkeypatch.setattr(embedded, "load_embedded", lambda **kwargs: calls.append(kwargs) or "ok")

@@ -9,9 +9,11 @@ import json
 import pytest
 import torch
 
-from davsp_lib import adashield, evaluation, prompts
-from davsp_lib.errors import DataError
-from davsp_lib.records import Label, Record, RenderSpec
+from davsp_lib.data import prompts
+from davsp_lib.data.records import Label, Record, RenderSpec
+from davsp_lib.evaluation import generation
+from davsp_lib.evaluation.defenses import adashield
+from davsp_lib.runtime.errors import DataError
 
 needs_embedder = pytest.mark.skipif(
     importlib.util.find_spec(adashield.EMBEDDER_PACKAGE) is None,
@@ -178,12 +180,12 @@ def test_anchors_are_the_malicious_mmsafetybench_typo_records():
 
 def test_anchors_and_their_groups_are_excluded_from_evaluation():
     pool = unit_pool()
-    used = evaluation.artifact_ids(pool.metadata)
+    used = generation.artifact_ids(pool.metadata)
     anchor = Record(pool.anchor_ids[0], "Q", Label.MALICIOUS, "mm-safetybench")
     same_question = Record("mm-safetybench/x/text", "Q", Label.MALICIOUS, "mm-safetybench",
                            group="group/1")  # fmt: skip
     other = Record("mm-safetybench/y/typo", "Q", Label.MALICIOUS, "mm-safetybench")
-    kept, dropped = evaluation.exclude_used([anchor, same_question, other], used)
+    kept, dropped = generation.exclude_used([anchor, same_question, other], used)
     assert kept == [other] and dropped == [anchor.id, same_question.id]
 
 
@@ -212,7 +214,7 @@ def test_retrieval_summary_per_benchmark():
 
 @pytest.fixture(scope="module")
 def tiny_llava():
-    from davsp_lib.adapters.tiny import build_tiny_llava
+    from davsp_lib.models.adapters.tiny import build_tiny_llava
 
     return build_tiny_llava()
 
@@ -230,36 +232,36 @@ def test_adashield_a_defense_rewrites_queries_in_generation(tmp_path, embedder, 
                mmsb("2", "03-Malware_Generation", "write ransomware")]  # fmt: skip
     pool = adashield.AdaShieldPool.build(embedder, anchors, by_scenario)
     pool.save(tmp_path / "a" / "adashield_a")
-    (defense,), skipped = evaluation.load_defenses(["adashield_a"], training_dir=tmp_path / "a")
+    (defense,), skipped = generation.load_defenses(["adashield_a"], training_dir=tmp_path / "a")
     assert skipped == {} and defense.safety_prompt is None and defense.vsp is None
-    assert evaluation.artifact_ids(defense.trained.metadata) >= {r.id for r in anchors}
+    assert generation.artifact_ids(defense.trained.metadata) >= {r.id for r in anchors}
     defense.rewrite._embedder = embedder  # the module's embedder (the defense loads it lazily)
     evaluated = [mmsb("9", "06-Fraud", "phishing bank customers"),  # the key of anchor 1
                  Record("mm-vet/v1", "What is written here?", Label.BENIGN, "mm-vet",
                         render=RenderSpec("typo", "hello"))]  # fmt: skip
     originals = [r.query for r in evaluated]
     path = tmp_path / "r.jsonl"
-    rows = evaluation.generate_responses(tiny_llava, evaluated, defense, path, batch_size=2,
+    rows = generation.generate_responses(tiny_llava, evaluated, defense, path, batch_size=2,
                                          max_new_tokens=3, progress=False)  # fmt: skip
     assert [r.query for r in evaluated] == originals  # the records themselves are untouched
     assert [(r["id"], r["category"]) for r in rows] == [(r.id, r.category) for r in evaluated]
     defended = defense.rewrite.records(evaluated)
     assert defended[0].query == originals[0] + by_scenario["06-Fraud"] + originals[0]
     assert defended[1].query == originals[1]  # below the threshold: unchanged
-    plain = evaluation.make_defense("none")
-    ((_, images, convs),) = evaluation.defended_batches(tiny_llava, defended, plain, 2)
+    plain = generation.make_defense("none")
+    ((_, images, convs),) = generation.defended_batches(tiny_llava, defended, plain, 2)
     assert convs[0].query == defended[0].query
     assert [r["response"] for r in rows] == tiny_llava.generate(images, convs, max_new_tokens=3)
-    header, _ = evaluation.load_responses(path)
+    header, _ = generation.load_responses(path)
     assert header["defense"]["rewrite"]["pool_sha256"] == defense.trained.sha256()
     # a file written with another pool does not resume
     adashield.AdaShieldPool.build(embedder, anchors[:1], by_scenario).save(
         tmp_path / "b" / "adashield_a"
     )
-    other = evaluation.make_defense("adashield_a", training_dir=tmp_path / "b")
+    other = generation.make_defense("adashield_a", training_dir=tmp_path / "b")
     other.rewrite._embedder = embedder
     with pytest.raises(DataError, match=r"r\.jsonl.*different defense"):
-        evaluation.generate_responses(tiny_llava, evaluated, other, path, batch_size=2,
+        generation.generate_responses(tiny_llava, evaluated, other, path, batch_size=2,
                                       max_new_tokens=3, progress=False)  # fmt: skip
     with pytest.raises(ValueError, match="are pool anchors"):
         defense.rewrite.records(anchors)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from davsp_lib.adapters.tiny import build_tiny_llava, save_tiny
-from davsp_lib.cli import main
-from davsp_lib.render import render_figstep, render_typo
+from davsp_lib.data.render import render_figstep, render_typo
+from davsp_lib.models.adapters.tiny import build_tiny_llava, save_tiny
+from davsp_lib.runtime.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +19,8 @@ def images(tmp_path_factory):
 
 
 def embedded_available() -> bool:
-    from davsp_lib.embedded.reader import find_weights
-    from davsp_lib.embedded.weights import SOURCES, MissingPartError
+    from davsp_lib.models.embedded.reader import find_weights
+    from davsp_lib.models.embedded.weights import SOURCES, MissingPartError
 
     try:
         SOURCES["tiny"].part_paths()
@@ -64,7 +64,7 @@ def test_missing_image_is_a_clear_error(tmp_path, capsys):
 
 
 def test_run_parameters_are_parsed_like_papermills_and_model_is_a_shorthand():
-    from davsp_lib.cli import build_parser, overrides
+    from davsp_lib.runtime.cli import build_parser, overrides
 
     args = build_parser().parse_args(
         [

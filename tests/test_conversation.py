@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from davsp_lib.conversation import Conversation
+from davsp_lib.models.conversation import Conversation
 
 
 @pytest.mark.parametrize(

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from davsp_lib import datasets as ds
-from davsp_lib.errors import DataError
-from davsp_lib.records import Label, concat
-from davsp_lib.render import FIGSTEP_QUERY, TYPO_QUERY, render
+from davsp_lib.data import datasets as ds
+from davsp_lib.data.records import Label, concat
+from davsp_lib.data.render import FIGSTEP_QUERY, TYPO_QUERY, render
+from davsp_lib.runtime.errors import DataError
 
 # ---------------------------------------------------------------------------- real mirror
 

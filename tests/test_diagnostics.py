@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from davsp_lib.diagnostics import (
+from davsp_lib.method.diagnostics import (
     LayerReport,
     auroc,
     choose_layer,
@@ -20,7 +20,7 @@ from davsp_lib.diagnostics import (
     suggest_margins,
     worst_case,
 )
-from davsp_lib.vectors import Activations, fit_vector
+from davsp_lib.method.vectors import Activations, fit_vector
 
 F64 = torch.float64
 
@@ -181,7 +181,7 @@ def test_study_data_has_a_selection_split_apart_from_vector_and_held_out(shared_
 
 
 def test_study_data_refuses_more_than_the_mirror_holds(shared_data):
-    from davsp_lib.pools import PoolError
+    from davsp_lib.data.pools import PoolError
 
     with pytest.raises(PoolError, match=r"selection split from text-prompts harmful_train .*"
                        r"40 requested, only \d+ available"):  # fmt: skip

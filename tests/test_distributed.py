@@ -17,14 +17,14 @@ import pytest
 import torch
 from conftest import load_script, mixed_records
 
-from davsp_lib import distributed as D
-from davsp_lib.adapters import adapter_for
-from davsp_lib.adapters.tiny import build_tiny_llava, save_tiny
-from davsp_lib.conversation import Conversation
-from davsp_lib.errors import DataError
-from davsp_lib.evaluation import generate_responses, make_defense
-from davsp_lib.inputs import batch_ranges, iter_batches
-from davsp_lib.vectors import extract
+from davsp_lib.evaluation.generation import generate_responses, make_defense
+from davsp_lib.method.vectors import extract
+from davsp_lib.models.adapters import adapter_for
+from davsp_lib.models.adapters.tiny import build_tiny_llava, save_tiny
+from davsp_lib.models.conversation import Conversation
+from davsp_lib.models.inputs import batch_ranges, iter_batches
+from davsp_lib.runtime import distributed as D
+from davsp_lib.runtime.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -18,8 +18,8 @@ from urllib.parse import unquote
 
 import pytest
 
-from davsp_lib import download as dl
-from davsp_lib.errors import DataError
+from davsp_lib.data import download as dl
+from davsp_lib.runtime.errors import DataError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,13 +7,14 @@ import json
 import pytest
 import torch
 
-from davsp_lib import datasets, ecso, evaluation, prompts
-from davsp_lib.adapters.tiny import build_tiny_llava
-from davsp_lib.conversation import Conversation
-from davsp_lib.evaluation import Defense
-from davsp_lib.images import record_image, to_tensor
-from davsp_lib.inputs import canvas_for
-from davsp_lib.vsp import VisualSafetyPrompt
+from davsp_lib.data import datasets, prompts
+from davsp_lib.data.images import record_image, to_tensor
+from davsp_lib.evaluation import ecso, generation
+from davsp_lib.evaluation.generation import Defense
+from davsp_lib.method.vsp import VisualSafetyPrompt
+from davsp_lib.models.adapters.tiny import build_tiny_llava
+from davsp_lib.models.conversation import Conversation
+from davsp_lib.models.inputs import canvas_for
 
 TOKENS = dict(batch_size=4, max_new_tokens=5, check_tokens=3, progress=False)
 
@@ -39,12 +40,12 @@ def records():
 def defenses(adapter):
     border = VisualSafetyPrompt.blank(adapter.image_size, 8)
     border.delta[:, :8, :] = 0.0  # a black top bar: the bordered image differs
-    davsp = evaluation.make_defense("davsp_prefix")
+    davsp = generation.make_defense("davsp_prefix")
     davsp = Defense(
         name="davsp", label="DAVSP", safety_prompt=davsp.safety_prompt, placement="prefix",
         prompt_name="davsp_safety_prefix", vsp=border, variant="davsp",
     )  # fmt: skip
-    return evaluation.make_defense("none"), davsp
+    return generation.make_defense("none"), davsp
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +105,7 @@ def test_standard_pipelines(defenses):
     with pytest.raises(ValueError, match="undefended"):
         ecso.standard_pipelines(davsp, davsp)
     with pytest.raises(ValueError, match="no border"):
-        ecso.standard_pipelines(none, evaluation.make_defense("davsp_prefix"))
+        ecso.standard_pipelines(none, generation.make_defense("davsp_prefix"))
 
 
 def test_records_without_image_are_refused(adapter, pipelines, tmp_path):
@@ -121,7 +122,7 @@ def test_ecso_caption_route_for_flagged_records_only(adapter, records, pipelines
     assert [r["id"] for r in rows] == [r.id for r in records]
     assert [r["route"] for r in rows] == ["caption", "kept", "caption", "kept", "caption"]
     assert [r["flagged"] for r in rows] == [r.is_malicious for r in records]
-    first = evaluation.load_responses(tmp_path / "responses" / "none.jsonl")[1]
+    first = generation.load_responses(tmp_path / "responses" / "none.jsonl")[1]
     wording = ecso.ECSOPrompts.load()
     flagged = [r for r in records if r.is_malicious]
     # the caption: the plain image with the caption prompt, one batch of the 3 flagged records
@@ -159,8 +160,8 @@ def test_adaptive_takes_davsp_answers_when_flagged(adapter, records, pipelines, 
     rows = ecso.run_ecso(
         adapter, records, pipelines["ecso_adaptive"], tmp_path, flag=malicious, **TOKENS
     )
-    none = evaluation.load_responses(tmp_path / "responses" / "none.jsonl")[1]
-    davsp = evaluation.load_responses(tmp_path / "responses" / "davsp.jsonl")[1]
+    none = generation.load_responses(tmp_path / "responses" / "none.jsonl")[1]
+    davsp = generation.load_responses(tmp_path / "responses" / "davsp.jsonl")[1]
     for row, plain, defended in zip(rows, none, davsp, strict=True):
         expected = defended if row["flagged"] else plain
         assert row["response"] == expected["response"]
@@ -181,14 +182,14 @@ def test_static_puts_the_defended_input_through_ecso(
     rows = ecso.run_ecso(
         adapter, records, pipelines["ecso_static"], tmp_path, flag=lambda row: True, **TOKENS
     )
-    first = evaluation.load_responses(tmp_path / "responses" / "davsp.jsonl")[1]
+    first = generation.load_responses(tmp_path / "responses" / "davsp.jsonl")[1]
     assert [r["first_response"] for r in rows] == [r["response"] for r in first]
     (check_file,) = (tmp_path / "ecso").glob("check-*.jsonl")
-    header, _ = evaluation.load_responses(check_file)
+    header, _ = generation.load_responses(check_file)
     assert header["defense"]["image"]["canvas"] == list(davsp.vsp.canvas)
     assert header["defense"]["text"] is None  # the border, not the prefix, on the self-check
     (caption_file,) = (tmp_path / "ecso").glob("caption-*.jsonl")
-    assert evaluation.load_responses(caption_file)[0]["defense"]["image"] is not None
+    assert generation.load_responses(caption_file)[0]["defense"]["image"] is not None
     wording = ecso.ECSOPrompts.load()
     images = torch.stack([davsp.vsp.compose(_raw(r)) for r in records[:4]])
     captions = generate(adapter, images, [wording.caption_text(r.query) for r in records[:4]])
@@ -241,7 +242,7 @@ def test_stage_path_digest_covers_prompts_and_image_part(records, defenses):
 
 
 def test_a_changed_model_is_refused_on_resume(records, pipelines, tmp_path):
-    from davsp_lib.errors import DataError
+    from davsp_lib.runtime.errors import DataError
 
     ecso.run_ecso(build_tiny_llava(seed=1), records[:2], pipelines["ecso"], tmp_path, **TOKENS)
     header = json.loads((tmp_path / "responses" / "none.jsonl").read_text().splitlines()[0])

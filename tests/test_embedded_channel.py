@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from davsp_lib.embedded.channel import (
+from davsp_lib.models.embedded.channel import (
     DEFAULT_CONNECTOR,
     Connector,
     VisionEmbeddedAdapter,
@@ -72,22 +72,22 @@ def test_shipped_connector_and_its_record():
 def adapter():
     from conftest import embedded_tiny_or_skip
 
-    from davsp_lib.embedded.vision import find_vit_onnx
+    from davsp_lib.models.embedded.vision import find_vit_onnx
 
     embedded_tiny_or_skip()  # skip rule (loads and drops the plain adapter)
     try:
         find_vit_onnx()
     except FileNotFoundError as error:
         pytest.skip(str(error))
-    from davsp_lib.adapters import load_adapter
+    from davsp_lib.models.adapters import load_adapter
 
     return load_adapter("tiny-vit", dtype="float32")  # exact comparisons, as conftest does
 
 
 @pytest.fixture(scope="module")
 def canvas(adapter):
-    from davsp_lib.datasets import load_builtin
-    from davsp_lib.images import record_image, to_tensor
+    from davsp_lib.data.datasets import load_builtin
+    from davsp_lib.data.images import record_image, to_tensor
 
     record = load_builtin("figstep")[0]
     return adapter.prepare_image(to_tensor(record_image(record)))[None], record
@@ -110,7 +110,7 @@ def test_structure(adapter):
 
 
 def test_visual_tokens_sit_where_llava_puts_the_image(adapter, canvas):
-    from davsp_lib.conversation import Conversation
+    from davsp_lib.models.conversation import Conversation
 
     images, _ = canvas
     ids, slots = adapter.prompt_ids(Conversation("What is it?"), "hello")
@@ -132,7 +132,7 @@ def test_visual_tokens_sit_where_llava_puts_the_image(adapter, canvas):
 def test_white_ring_is_the_undefended_canvas_and_a_grey_one_changes_tokens(adapter, canvas):
     """Documented: a white ring *is* what the model sees without a border (bit for bit); any
     other ring changes the tokens on the ring and, through attention, inside the window too."""
-    from davsp_lib.vsp import VisualSafetyPrompt
+    from davsp_lib.method.vsp import VisualSafetyPrompt
 
     images, _ = canvas
     blank = VisualSafetyPrompt.for_adapter(adapter, "border")
@@ -150,7 +150,7 @@ def test_white_ring_is_the_undefended_canvas_and_a_grey_one_changes_tokens(adapt
 
 
 def test_gradients_reach_every_ring_pixel(adapter, canvas):
-    from davsp_lib.conversation import Conversation
+    from davsp_lib.models.conversation import Conversation
 
     images, _ = canvas
     mask = adapter.ring_mask().bool()

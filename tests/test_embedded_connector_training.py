@@ -9,14 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from davsp_lib.embedded import connector_training as ct
+from davsp_lib.models.embedded import connector_training as ct
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     from conftest import embedded_tiny_or_skip  # noqa: F401  (same skip rule)
 
-    from davsp_lib.embedded.weights import SOURCES, MissingPartError, model_dir
+    from davsp_lib.models.embedded.weights import SOURCES, MissingPartError, model_dir
 
     try:
         SOURCES["tiny"].part_paths()
@@ -88,7 +88,7 @@ def test_resume_after_a_kill_is_exact(tokenizer, tmp_path):
 
 
 def test_evaluate_counts_caption_tokens(tokenizer):
-    from davsp_lib.embedded.channel import Connector
+    from davsp_lib.models.embedded.channel import Connector
 
     lm = tiny_lm(len(tokenizer))
     grids, captions = data(3)

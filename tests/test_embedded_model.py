@@ -10,9 +10,9 @@ import torch
 from conftest import embedded_tiny_or_skip
 from PIL import Image, ImageDraw
 
-from davsp_lib.conversation import Conversation
-from davsp_lib.datasets import load_builtin
-from davsp_lib.images import record_image, to_tensor
+from davsp_lib.data.datasets import load_builtin
+from davsp_lib.data.images import record_image, to_tensor
+from davsp_lib.models.conversation import Conversation
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_a_border_that_says_something_writes_those_characters(adapter):
 
 
 def adapter_char(char: str) -> int:
-    from davsp_lib.embedded.reader import CHARACTERS
+    from davsp_lib.models.embedded.reader import CHARACTERS
 
     return CHARACTERS.index(char)
 
@@ -164,7 +164,7 @@ def test_text_only_conversation(adapter):
 @pytest.fixture(scope="module")
 def bf16_adapter():
     embedded_tiny_or_skip()  # skip where the model is not installed
-    from davsp_lib.adapters import load_adapter
+    from davsp_lib.models.adapters import load_adapter
 
     return load_adapter("tiny")  # the default: a bfloat16 language model
 
@@ -179,7 +179,7 @@ def test_the_default_is_a_bfloat16_lm_with_a_float32_reader(bf16_adapter):
 def test_float32_is_available_and_holds_the_stored_weights_exactly(adapter, bf16_adapter):
     from safetensors.torch import load_file
 
-    from davsp_lib.embedded.weights import model_dir
+    from davsp_lib.models.embedded.weights import model_dir
 
     stored = load_file(model_dir("tiny", log=lambda *_: None) / "model.safetensors")
     fp32 = adapter.lm.state_dict()
@@ -192,15 +192,15 @@ def test_float32_is_available_and_holds_the_stored_weights_exactly(adapter, bf16
 
 
 def test_unknown_embedded_dtype_is_refused():
-    from davsp_lib.embedded.model import load_embedded
+    from davsp_lib.models.embedded.model import load_embedded
 
     with pytest.raises(ValueError, match="dtype must be one of"):
         load_embedded("tiny", dtype=torch.float64)
 
 
 def test_bfloat16_lm_keeps_border_projection_and_losses_in_float32(bf16_adapter, canvases):
-    from davsp_lib import training
-    from davsp_lib.vsp import VisualSafetyPrompt
+    from davsp_lib.method import training
+    from davsp_lib.method.vsp import VisualSafetyPrompt
 
     records, images = canvases
     prompt = VisualSafetyPrompt.blank(bf16_adapter.image_size, 30)
@@ -226,7 +226,7 @@ def test_bfloat16_lm_keeps_border_projection_and_losses_in_float32(bf16_adapter,
 
 
 def test_bfloat16_states_follow_float32_states(adapter, bf16_adapter, canvases):
-    from davsp_lib.vectors import extract
+    from davsp_lib.method.vectors import extract
 
     records, _ = canvases
     fp32 = extract(adapter, records, [6, 24], blank_image=True, progress=False)
@@ -265,7 +265,7 @@ INNER_RESIZE = "padded to a square, then resized bilinearly (antialiased) into t
 
 
 def test_info_reports_the_preprocessing_spec(adapter):
-    from davsp_lib.embedded.model import READING_TEXT
+    from davsp_lib.models.embedded.model import READING_TEXT
 
     assert adapter.info()["preprocessing"] == {
         "pad_fill": 1.0,

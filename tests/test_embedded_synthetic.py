@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from davsp_lib.embedded.synthetic import COLOURS, make_example
+from davsp_lib.models.embedded.synthetic import COLOURS, make_example
 
 
 def test_examples_are_a_pure_function_of_seed_and_index():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from davsp_lib.embedded import vision
+from davsp_lib.models.embedded import vision
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from davsp_lib.embedded.weights import (
+from davsp_lib.models.embedded.weights import (
     SOURCES,
     ChecksumError,
     GGUFSource,

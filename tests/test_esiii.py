@@ -7,10 +7,12 @@ import json
 import pytest
 import torch
 
-from davsp_lib import datasets, esiii, evaluation
-from davsp_lib.adapters.tiny import build_tiny_llava, build_tiny_qwen2_vl
-from davsp_lib.errors import DataError
-from davsp_lib.vsp import VisualSafetyPrompt
+from davsp_lib.data import datasets
+from davsp_lib.evaluation import generation
+from davsp_lib.evaluation.defenses import esiii
+from davsp_lib.method.vsp import VisualSafetyPrompt
+from davsp_lib.models.adapters.tiny import build_tiny_llava, build_tiny_qwen2_vl
+from davsp_lib.runtime.errors import DataError
 
 EPS = 8 / 255
 
@@ -119,14 +121,14 @@ def test_the_defense_fuses_the_image_and_adds_the_text(adapter, tmp_path):
         progress=False,
     )  # fmt: skip
     run.prompt.save(tmp_path / "esiii")
-    defense = evaluation.make_defense("esiii", training_dir=tmp_path, adapter=adapter)
+    defense = generation.make_defense("esiii", training_dir=tmp_path, adapter=adapter)
     assert defense.safety_prompt == esiii.load_texts().text_instruction
     assert defense.placement == "prefix"
     assert torch.equal(defense.vsp.delta, run.prompt.delta)
     canvas = torch.full((1, 3, *adapter.image_size), 0.5)
     assert torch.allclose(defense.apply(canvas), (canvas + run.prompt.delta).clamp(0, 1))
     assert defense.describe()["image"]["kind"] == "additive"
-    rows = evaluation.generate_responses(
+    rows = generation.generate_responses(
         adapter, records(1), defense, tmp_path / "esiii.jsonl", max_new_tokens=2, progress=False
     )
     assert [r["defense"] for r in rows] == ["esiii", "esiii"]
@@ -134,11 +136,11 @@ def test_the_defense_fuses_the_image_and_adds_the_text(adapter, tmp_path):
 
 def test_a_missing_artifact_is_skipped_and_a_foreign_one_refused(tmp_path):
     adapter = build_tiny_llava()
-    chosen, skipped = evaluation.load_defenses(["esiii"], training_dir=tmp_path, adapter=adapter)
+    chosen, skipped = generation.load_defenses(["esiii"], training_dir=tmp_path, adapter=adapter)
     assert chosen == [] and "esiii" in skipped
     VisualSafetyPrompt.zero_noise(adapter.image_size, EPS).save(tmp_path / "esiii")
     with pytest.raises(DataError, match="not an ESIII artifact"):
-        evaluation.make_defense("esiii", training_dir=tmp_path, adapter=adapter)
+        generation.make_defense("esiii", training_dir=tmp_path, adapter=adapter)
 
 
 def test_embedded_model_trains_and_answers(tmp_path):
@@ -152,8 +154,8 @@ def test_embedded_model_trains_and_answers(tmp_path):
     # the ring feeds the border path, so the first signed step moves delta there
     assert float(run.prompt.delta.abs().max()) == pytest.approx(1 / 255)
     run.prompt.save(tmp_path / "esiii")
-    defense = evaluation.make_defense("esiii", training_dir=tmp_path, adapter=adapter)
-    rows = evaluation.generate_responses(
+    defense = generation.make_defense("esiii", training_dir=tmp_path, adapter=adapter)
+    rows = generation.generate_responses(
         adapter, records(1)[:1], defense, tmp_path / "e.jsonl", max_new_tokens=2, progress=False
     )
     assert len(rows) == 1 and isinstance(rows[0]["response"], str)

@@ -6,7 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from davsp_lib.adapters.hooks import StopForward, capture_hidden, check_layers, run_until_stop
+from davsp_lib.models.adapters.hooks import (
+    StopForward,
+    capture_hidden,
+    check_layers,
+    run_until_stop,
+)
 
 
 class AddOne(nn.Module):

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from davsp_lib import images
-from davsp_lib.errors import DataError
-from davsp_lib.images import load_image, record_image, to_pil, to_rgb, to_tensor
-from davsp_lib.records import Label, Record, RenderSpec
+from davsp_lib.data import images
+from davsp_lib.data.images import load_image, record_image, to_pil, to_rgb, to_tensor
+from davsp_lib.data.records import Label, Record, RenderSpec
+from davsp_lib.runtime.errors import DataError
 
 
 def noise(size: tuple[int, int] = (64, 48), seed: int = 0) -> Image.Image:

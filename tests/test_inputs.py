@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from davsp_lib.adapters.tiny import build_tiny_llava
-from davsp_lib.datasets import as_image_attack, load_builtin
-from davsp_lib.images import record_image, to_tensor
-from davsp_lib.inputs import batch_ranges, blank_canvas, describe_template, iter_batches
+from davsp_lib.data.datasets import as_image_attack, load_builtin
+from davsp_lib.data.images import record_image, to_tensor
+from davsp_lib.models.adapters.tiny import build_tiny_llava
+from davsp_lib.models.inputs import batch_ranges, blank_canvas, describe_template, iter_batches
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,14 @@ from conftest import embedded_tiny_or_skip
 from torch import nn
 from transformers import DynamicCache
 
-from davsp_lib import datasets
-from davsp_lib.adapters.hooks import hidden_of
-from davsp_lib.adapters.tiny import build_tiny_llava
-from davsp_lib.conversation import Conversation
-from davsp_lib.errors import DataError
-from davsp_lib.inputs import iter_batches
-from davsp_lib.intervention import ablate, alpha_unit, respond, resumable, steer, sweep_data
-from davsp_lib.vectors import HarmfulnessVector
+from davsp_lib.data import datasets
+from davsp_lib.method.intervention import ablate, alpha_unit, respond, resumable, steer, sweep_data
+from davsp_lib.method.vectors import HarmfulnessVector
+from davsp_lib.models.adapters.hooks import hidden_of
+from davsp_lib.models.adapters.tiny import build_tiny_llava
+from davsp_lib.models.conversation import Conversation
+from davsp_lib.models.inputs import iter_batches
+from davsp_lib.runtime.errors import DataError
 
 LAYER = 2  # output of block 1 of 4
 

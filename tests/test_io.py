@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from davsp_lib.errors import DataError
-from davsp_lib.io import (
+from davsp_lib.runtime.errors import DataError
+from davsp_lib.runtime.io import (
     atomic_open,
     atomic_write_json,
     atomic_write_text,

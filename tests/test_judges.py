@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from davsp_lib import judges
-from davsp_lib.adapters.tiny import tiny_qwen_tokenizer
-from davsp_lib.errors import DataError
+from davsp_lib.evaluation import judges
+from davsp_lib.models.adapters.tiny import tiny_qwen_tokenizer
+from davsp_lib.runtime.errors import DataError
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -415,7 +415,7 @@ def test_endpoint_and_local_judge_agree_on_the_embedded_lm():
     from conftest import embedded_tiny_or_skip
 
     adapter = embedded_tiny_or_skip()
-    from davsp_lib.embedded.weights import model_dir
+    from davsp_lib.models.embedded.weights import model_dir
 
     folder = model_dir("tiny", log=lambda *_: None)
     local = judges.LocalLLMJudge.from_adapter(adapter, template="ecso")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from davsp_lib import metrics
+from davsp_lib.evaluation import metrics
 
 
 def row(i, label, response="r", source="figstep", category=None, judging=None, projection=None):

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from davsp_lib import notebook as nb
+from davsp_lib.runtime import notebook as nb
 
 
 def test_check_accepts_int_for_float_and_names_the_parameter():
@@ -137,7 +137,7 @@ def test_parameters_sees_papermills_values_and_the_cells_annotations(tmp_path: P
     params.metadata["tags"] = ["parameters"]
     body = (
         "import json, pathlib\n"
-        "from davsp_lib import notebook as nb\n"
+        "from davsp_lib.runtime import notebook as nb\n"
         "parameters = nb.parameters(globals(), __annotations__, steps={'minimum': 1})\n"
         "pathlib.Path(output_dir, 'p.json').write_text(json.dumps(parameters))"
     )

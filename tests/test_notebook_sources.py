@@ -5,8 +5,8 @@ from __future__ import annotations
 import nbformat
 import pytest
 
-from davsp_lib.cli import main as cli_main
-from davsp_lib.notebook_sources import notebook, out_of_sync, render, sources, sync
+from davsp_lib.runtime.cli import main as cli_main
+from davsp_lib.runtime.notebook_sources import notebook, out_of_sync, render, sources, sync
 
 SOURCES = sources()
 

@@ -8,8 +8,14 @@ import nbformat
 import papermill
 import pytest
 
-from davsp_lib.cli import main as cli_main
-from davsp_lib.pipeline import PRESETS, PipelineError, discover, parameters_for, run_pipeline
+from davsp_lib.runtime.cli import main as cli_main
+from davsp_lib.runtime.pipeline import (
+    PRESETS,
+    PipelineError,
+    discover,
+    parameters_for,
+    run_pipeline,
+)
 
 NOTEBOOKS = discover()
 
@@ -31,7 +37,7 @@ def test_parameters_cell_is_typed_and_validated_in_one_call(path):
     """Every papermill parameter is annotated (nb.parameters sees only annotated names)."""
     import ast
 
-    from davsp_lib import notebook as nb
+    from davsp_lib.runtime import notebook as nb
 
     notebook = nbformat.read(path, as_version=4)
     index = next(
@@ -87,9 +93,9 @@ def test_training_notebook_writes_each_variant_and_resumes(smoke_run):
     run_dir, _ = smoke_run
     folder = run_dir / "02_vsp_training"
     results = json.loads((folder / "results.json").read_text())
-    from davsp_lib.adashield import AdaShieldPool
-    from davsp_lib.pat import PATControl
-    from davsp_lib.vsp import VisualSafetyPrompt
+    from davsp_lib.evaluation.defenses.adashield import AdaShieldPool
+    from davsp_lib.evaluation.defenses.pat import PATControl
+    from davsp_lib.method.vsp import VisualSafetyPrompt
 
     def trained(variant):  # PAT: a token prefix; AdaShield-A: retrieval keys; else an image
         if variant == "pat":

@@ -7,11 +7,14 @@ import json
 import pytest
 import torch
 
-from davsp_lib import datasets, evaluation, pat, training
-from davsp_lib.adapters.tiny import build_tiny_llava, build_tiny_qwen2_vl
-from davsp_lib.conversation import Conversation
-from davsp_lib.errors import DataError
-from davsp_lib.vsp import VisualSafetyPrompt
+from davsp_lib.data import datasets
+from davsp_lib.evaluation import generation
+from davsp_lib.evaluation.defenses import pat
+from davsp_lib.method import training
+from davsp_lib.method.vsp import VisualSafetyPrompt
+from davsp_lib.models.adapters.tiny import build_tiny_llava, build_tiny_qwen2_vl
+from davsp_lib.models.conversation import Conversation
+from davsp_lib.runtime.errors import DataError
 
 SMALL = dict(control_len=4, attack_len=3, candidates=4, topk=8, batch_size=1, eval_batch=4)
 
@@ -196,11 +199,11 @@ def test_artifact_round_trip_and_bad_files(tmp_path):
 
 def test_the_defense_is_the_control_as_a_prefix(setup, tmp_path):
     adapter, _ = setup
-    chosen, skipped = evaluation.load_defenses(["pat"], training_dir=tmp_path, adapter=adapter)
+    chosen, skipped = generation.load_defenses(["pat"], training_dir=tmp_path, adapter=adapter)
     assert chosen == [] and "pat" in skipped
     control = control_for(adapter)
     control.save(tmp_path / "pat")
-    defense = evaluation.make_defense("pat", training_dir=tmp_path, adapter=adapter)
+    defense = generation.make_defense("pat", training_dir=tmp_path, adapter=adapter)
     assert defense.safety_prompt == pat.prompt_text(control.text) and defense.placement == "prefix"
     # the reference's f"{def_control} {goal}": control, one space, request (LLaVA, Qwen2-VL)
     conv = Conversation("Q?", safety_prompt=defense.safety_prompt, safety_placement="prefix")
@@ -208,7 +211,7 @@ def test_the_defense_is_the_control_as_a_prefix(setup, tmp_path):
     assert defense.vsp is None and defense.trained.text == control.text
     assert defense.describe()["image"] is None
     malicious, benign = records(1)
-    rows = evaluation.generate_responses(
+    rows = generation.generate_responses(
         adapter, malicious + benign, defense, tmp_path / "p.jsonl", max_new_tokens=2,
         progress=False,
     )  # fmt: skip
@@ -221,8 +224,8 @@ def test_training_ids_are_listed_for_exclusion(tmp_path):
     control = control_for(adapter)
     control.metadata["data"] = {"ids": {"malicious": [malicious[0].id], "benign": [benign[0].id]}}
     control.save(tmp_path / "pat")
-    defense = evaluation.make_defense("pat", training_dir=tmp_path, adapter=adapter)
-    used = evaluation.artifact_ids(defense.trained.metadata)
+    defense = generation.make_defense("pat", training_dir=tmp_path, adapter=adapter)
+    used = generation.artifact_ids(defense.trained.metadata)
     assert used == {malicious[0].id, benign[0].id}
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from davsp_lib.pipeline import (
+from davsp_lib.runtime.pipeline import (
     PRESET_DIR,
     PRESETS,
     StepResult,
@@ -48,7 +48,7 @@ def test_report_shows_each_notebooks_table(tmp_path):
 def test_presets_give_each_notebook_only_parameters_it_declares():
     import papermill
 
-    from davsp_lib.pipeline import NOTEBOOK_DIR, discover
+    from davsp_lib.runtime.pipeline import NOTEBOOK_DIR, discover
 
     notebooks = {path.stem: path for path in discover(NOTEBOOK_DIR)}
     assert set(PRESETS) == {"embedded", "smoke", "paper"}
@@ -145,7 +145,7 @@ def write_notebook(path, parameters: str, body: str) -> None:
 
 
 def test_overrides_reach_every_notebook_that_declares_them_and_run_json(tmp_path):
-    from davsp_lib.pipeline import run_pipeline
+    from davsp_lib.runtime.pipeline import run_pipeline
 
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
@@ -177,7 +177,7 @@ def test_overrides_reach_every_notebook_that_declares_them_and_run_json(tmp_path
 def test_an_override_no_notebook_declares_is_refused(tmp_path):
     import pytest
 
-    from davsp_lib.pipeline import run_pipeline
+    from davsp_lib.runtime.pipeline import run_pipeline
 
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
@@ -198,7 +198,7 @@ def test_model_and_model_a_are_one_override_group(tmp_path):
     while a notebook declaring neither still refuses them."""
     import pytest
 
-    from davsp_lib.pipeline import check_overrides
+    from davsp_lib.runtime.pipeline import check_overrides
 
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()

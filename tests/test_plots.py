@@ -1,4 +1,4 @@
-"""Tests for davsp_lib.plots: the image grid's titles stay apart and every panel is framed."""
+"""Tests for davsp_lib.runtime.plots: the image grid's titles stay apart, every panel is framed."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 import pytest
 from PIL import Image
 
-from davsp_lib import plots
+from davsp_lib.runtime import plots
 
 LONG = "List of guidelines on smuggling goods across borders and more words here"
 

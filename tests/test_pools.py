@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from davsp_lib import pools
-from davsp_lib.pools import PartSpec, PoolError, PoolsSpec, build_pools, take
+from davsp_lib.data import pools
+from davsp_lib.data.pools import PartSpec, PoolError, PoolsSpec, build_pools, take
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from davsp_lib import prompts
-from davsp_lib.errors import DataError
+from davsp_lib.data import prompts
+from davsp_lib.runtime.errors import DataError
 
 
 def test_named_prompts_and_lists(shared_data):

@@ -1,4 +1,4 @@
-"""Tests for davsp_lib.readme_figures (``davsp figures --from RUN``) on a fake run folder."""
+"""Tests for davsp_lib.runtime.readme_figures (``davsp figures --from RUN``) on a fake run."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from davsp_lib import readme_figures as rf
-from davsp_lib.cli import main
+from davsp_lib.runtime import readme_figures as rf
+from davsp_lib.runtime.cli import main
 
 SPECS = (
     rf.FigureSpec("01_harmfulness_vector", "projections", "projection histograms"),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from davsp_lib import recipe
-from davsp_lib.pipeline import PRESETS
+from davsp_lib.runtime import recipe
+from davsp_lib.runtime.pipeline import PRESETS
 
 
 @pytest.fixture(scope="module")

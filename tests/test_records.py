@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from davsp_lib.records import Dataset, Label, Record, RenderSpec, Skipped, concat
+from davsp_lib.data.records import Dataset, Label, Record, RenderSpec, Skipped, concat
 
 
 def make(id_: str, label: Label = Label.BENIGN, **kw) -> Record:

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import load_script
 
-from davsp_lib.embedded import reader as ocr
-from davsp_lib.images import to_tensor
-from davsp_lib.render import render_figstep
+from davsp_lib.data.images import to_tensor
+from davsp_lib.data.render import render_figstep
+from davsp_lib.models.embedded import reader as ocr
 
 rd = load_script("redraw_defended_inputs")
 

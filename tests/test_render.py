@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from davsp_lib import render
-from davsp_lib.datasets import load_figstep
-from davsp_lib.records import RenderSpec
-from davsp_lib.render import (
+from davsp_lib.data import render
+from davsp_lib.data.datasets import load_figstep
+from davsp_lib.data.records import RenderSpec
+from davsp_lib.data.render import (
     FontNotFoundError,
     FontSpec,
     Rendered,

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from davsp_lib.errors import DataError
-from davsp_lib.records import Dataset, Label, Record
-from davsp_lib.splits import Splits, make_splits
+from davsp_lib.data.records import Dataset, Label, Record
+from davsp_lib.data.splits import Splits, make_splits
+from davsp_lib.runtime.errors import DataError
 
 
 def make_records(n_malicious: int, n_benign: int, group_size: int = 1) -> list[Record]:
@@ -176,7 +176,7 @@ def test_load_rejects_bad_files(tmp_path: Path) -> None:
 
 
 def test_real_vlguard_split(shared_data: Path) -> None:
-    from davsp_lib.datasets import load_vlguard
+    from davsp_lib.data.datasets import load_vlguard
 
     train = load_vlguard(shared_data, "train")
     splits = make_splits(train, {"vector": 940, "rest": 0.5}, seed=0)

@@ -13,11 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from davsp_lib import datasets, training, vectors
-from davsp_lib.adapters.tiny import build_tiny_llava
-from davsp_lib.errors import DataError
-from davsp_lib.training import TrainConfig, TrainingDiverged, batch_plan, hinge
-from davsp_lib.vsp import VisualSafetyPrompt
+from davsp_lib.data import datasets
+from davsp_lib.method import training, vectors
+from davsp_lib.method.training import TrainConfig, TrainingDiverged, batch_plan, hinge
+from davsp_lib.method.vsp import VisualSafetyPrompt
+from davsp_lib.models.adapters.tiny import build_tiny_llava
+from davsp_lib.runtime.errors import DataError
 
 LAYER = 2
 WIDTH = 8
@@ -328,8 +329,8 @@ def test_losses_of_a_model_split_over_two_devices_land_on_one(tiny, tmp_path, de
     """A device_map dict splits the model (accelerate's hooks move activations between parts);
     on two GPUs the hidden state of layer 2 and the logits live on the second one. The loss
     terms must land on ``adapter.device`` and equal the unsplit model's."""
-    from davsp_lib.adapters import load_adapter
-    from davsp_lib.adapters.tiny import save_tiny
+    from davsp_lib.models.adapters import load_adapter
+    from davsp_lib.models.adapters.tiny import save_tiny
 
     adapter, vector, data, margins = tiny
     save_tiny(adapter, tmp_path / "tiny")

@@ -7,10 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from davsp_lib import evaluation, prompts, transfer
-from davsp_lib.adapters.tiny import build_tiny_llava, build_tiny_qwen2_vl
-from davsp_lib.embedded import weights
-from davsp_lib.vsp import VisualSafetyPrompt, VSPMismatchError
+from davsp_lib.data import prompts
+from davsp_lib.evaluation import generation, transfer
+from davsp_lib.method.vsp import VisualSafetyPrompt, VSPMismatchError
+from davsp_lib.models.adapters.tiny import build_tiny_llava, build_tiny_qwen2_vl
+from davsp_lib.models.embedded import weights
 
 
 def border_on(canvas: tuple[int, int], width: int) -> VisualSafetyPrompt:
@@ -84,19 +85,19 @@ def test_transfer_defenses_are_bs_rows(qwen):
 
 
 def test_transferred_border_generates_on_the_target(qwen, tmp_path):
-    from davsp_lib import datasets
+    from davsp_lib.data import datasets
 
     records = list(datasets.load_builtin("figstep"))[:2]
     moved = transfer.transfer(border_on((56, 56), 8), qwen)
-    rows = evaluation.generate_responses(
+    rows = generation.generate_responses(
         qwen, records, transfer.transferred_defense(moved), tmp_path / "r.jsonl",
         batch_size=2, max_new_tokens=3, progress=False,
     )  # fmt: skip
     assert [r["id"] for r in rows] == [r.id for r in records]
-    header, _ = evaluation.load_responses(tmp_path / "r.jsonl")
+    header, _ = generation.load_responses(tmp_path / "r.jsonl")
     assert header["defense"]["image"]["canvas"] == [84, 84]
     # the canvas the model saw: the image inside the 12-px ring, the ring is the border
-    from davsp_lib.images import record_image, to_tensor
+    from davsp_lib.data.images import record_image, to_tensor
 
     canvas = moved.compose(to_tensor(record_image(records[0])))
     assert torch.equal(canvas[:, :12, :], moved.delta[:, :12, :])

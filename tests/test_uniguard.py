@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from davsp_lib import uniguard
-from davsp_lib.adapters.tiny import build_tiny_llava
-from davsp_lib.inputs import canvas_for
-from davsp_lib.records import Label, Record, RenderSpec
-from davsp_lib.training import CHECKPOINT_NAME, seeded_draws
+from davsp_lib.data.records import Label, Record, RenderSpec
+from davsp_lib.evaluation.defenses import uniguard
+from davsp_lib.method.training import CHECKPOINT_NAME, seeded_draws
+from davsp_lib.models.adapters.tiny import build_tiny_llava
+from davsp_lib.models.inputs import canvas_for
 
 
 def malicious(i: int, text: str) -> Record:

@@ -9,10 +9,7 @@ import pytest
 import torch
 from conftest import embedded_tiny_or_skip, mixed_records
 
-from davsp_lib.adapters.tiny import build_tiny_llava, build_tiny_qwen2_vl
-from davsp_lib.errors import DataError
-from davsp_lib.inputs import iter_batches
-from davsp_lib.vectors import (
+from davsp_lib.method.vectors import (
     Activations,
     HarmfulnessVector,
     VectorMismatchError,
@@ -21,6 +18,9 @@ from davsp_lib.vectors import (
     fit_vector,
     parse_layers,
 )
+from davsp_lib.models.adapters.tiny import build_tiny_llava, build_tiny_qwen2_vl
+from davsp_lib.models.inputs import iter_batches
+from davsp_lib.runtime.errors import DataError
 
 F64 = torch.float64
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from davsp_lib import vsp
-from davsp_lib.adapters.base import pad_to_square
-from davsp_lib.adapters.tiny import build_tiny_llava
-from davsp_lib.errors import DataError
-from davsp_lib.vsp import VisualSafetyPrompt, VSPMismatchError
+from davsp_lib.method import vsp
+from davsp_lib.method.vsp import VisualSafetyPrompt, VSPMismatchError
+from davsp_lib.models.adapters.base import pad_to_square
+from davsp_lib.models.adapters.tiny import build_tiny_llava
+from davsp_lib.runtime.errors import DataError
 
 CANVAS = (48, 48)
 

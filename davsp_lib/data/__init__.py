@@ -1,0 +1,1 @@
+"""Data: typed records, benchmark loaders and downloads, rendering, splits, pools, prompts."""

@@ -1,0 +1,1 @@
+"""Evaluation: defended generation, judges, metrics, transfer, ECSO and the baseline defenses."""

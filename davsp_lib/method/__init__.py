@@ -1,0 +1,1 @@
+"""The method: harmfulness vector, diagnostics, Visual Safety Prompt, training, intervention."""

@@ -1,0 +1,1 @@
+"""Models: the adapter contract and its architectures, the embedded default, input building."""
