@@ -11,7 +11,10 @@ optimiser (the workbook's :func:`davsp_lib.method.training.train` machinery, DA 
 It prints how far each moves held-out malicious and benign projections and how much it
 separates them; ``capacity = separation gained by pixels / separation gained by free``.
 Each channel gets its own harmfulness vector (extracted on a small text split over a blank
-image, as notebook 01 does) and margins from that split (``suggest_margins``).
+image, as notebook 01 does) and margins from that split (``suggest_margins``), or, with
+``--margins unbounded``, margins no projection reaches, so that both classes' hinges push at
+every step (with text margins a class whose images already sit beyond its margin gives no
+gradient at all, and the benchmark then measures nothing).
 
     PYTHONPATH=$PWD python benchmarks/channel_capacity.py --channels ocr vit --steps 12
 
@@ -45,6 +48,8 @@ from davsp_lib.method.vectors import extract, fit_vector
 from davsp_lib.method.vsp import VisualSafetyPrompt
 from davsp_lib.models.embedded.model import EmbeddedAdapter
 from davsp_lib.models.inputs import canvas_for, conversation_for
+
+UNBOUNDED = 1e4  # margins no projection reaches: both hinges stay active (a linear push)
 
 
 @contextlib.contextmanager
@@ -121,6 +126,8 @@ def measure(adapter: EmbeddedAdapter, args, log=print) -> dict:
     scores = acts.states[:, 0].float() @ vector.direction(args.layer, dtype=torch.float32)
     labels = torch.tensor(acts.labels)
     mu_plus, mu_minus = suggest_margins(scores[labels].numpy(), scores[~labels].numpy())
+    if args.margins == "unbounded":  # every hinge active at every step: DA as a linear push
+        mu_plus, mu_minus = UNBOUNDED, -UNBOUNDED
     log(f"  vector on {len(study.vector)} text records; margins {mu_plus:.3f} / {mu_minus:.3f}")
     chosen = training_records(
         root, n_train=args.n_train, n_heldout=args.n_heldout, seed=args.seed,
@@ -185,6 +192,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument(
+        "--margins",
+        choices=["vector", "unbounded"],
+        default="vector",
+        help="vector: suggest_margins on the vector's text split (can leave a class's hinge "
+        "inactive on images from the start); unbounded: mu+ = -mu- = 1e4, every hinge active",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default="runs/channel_capacity")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")

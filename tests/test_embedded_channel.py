@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from davsp_lib.models.embedded.channel import (
-    DEFAULT_CONNECTOR,
+    DATA_DIR,
     Connector,
     VisionEmbeddedAdapter,
     load_connector,
@@ -50,9 +50,11 @@ def test_save_and_load_round_trip(tmp_path):
         load_connector(path)
 
 
-def test_shipped_connector_and_its_record():
-    connector, record = load_connector(DEFAULT_CONNECTOR, hidden_size=896)
-    assert connector.fc1.in_features == 4 * 384 and connector.fc2.out_features == 896
+@pytest.mark.parametrize(("name", "hidden_size"), [("tiny", 896), ("small", 1536)])
+def test_shipped_connectors_and_their_records(name, hidden_size):
+    path = DATA_DIR / f"connector_{name}.safetensors"
+    connector, record = load_connector(path, hidden_size=hidden_size)
+    assert connector.fc1.in_features == 4 * 384 and connector.fc2.out_features == hidden_size
     for key in (
         "objective",
         "data",
@@ -62,7 +64,11 @@ def test_shipped_connector_and_its_record():
         "held_out_trained_mismatched_images",
     ):
         assert key in record, key
-    assert record == json.loads(DEFAULT_CONNECTOR.with_suffix(".json").read_text())
+    assert record["language_model"] == name
+    assert record == json.loads(path.with_suffix(".json").read_text())
+    assert len(record["history"]) == record["steps"]
+    with pytest.raises(ValueError, match=f"maps into {hidden_size} dimensions"):
+        load_connector(path, hidden_size=hidden_size + 1)
 
 
 # -- the adapter with real weights ---------------------------------------------------------------
