@@ -77,6 +77,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=5)
+    parser.add_argument(
+        "--output-scale",
+        choices=("none", "embeddings"),
+        default="none",
+        help="embeddings: rescale every visual token to the LM's input-embedding RMS",
+    )
     args = parser.parse_args(argv)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -99,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     held_caps = [make_example(args.seed, i).caption for i in held_idx]
     config = ConnectorConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
+        checkpoint_every=args.checkpoint_every, output_scale=args.output_scale,
     )  # fmt: skip
     connector, run = train_connector(lm, tokenizer, train_grids, train_caps, args.work, config)
     after = evaluate(lm, tokenizer, connector, held_grids, held_caps)
@@ -124,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         "batch_size": args.batch_size,
         "lr": args.lr,
         "optimizer": "Adam",
+        "output_scale": args.output_scale,
         "seed": args.seed,
         "held_out_trained": after,
         "held_out_trained_mismatched_images": mismatched,

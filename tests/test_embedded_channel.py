@@ -34,6 +34,19 @@ def test_connector_merges_2x2_patches_in_raster_order():
         connector(torch.randn(1, 3, 4, 3))
 
 
+def test_output_rms_rescales_every_token_and_survives_save_and_load(tmp_path):
+    torch.manual_seed(0)
+    connector = Connector(hidden_size=8, vit_width=3, output_rms=0.5)
+    grid = torch.randn(2, 4, 4, 3) * 100
+    tokens = connector(grid)
+    rms = tokens.pow(2).mean(-1).sqrt()
+    torch.testing.assert_close(rms, torch.full((2, 4), 0.5), rtol=1e-6, atol=0)
+    path = save_connector(connector, tmp_path / "c.safetensors", {"steps": 1})
+    loaded, record = load_connector(path, hidden_size=8)
+    assert record["output_rms"] == 0.5 and loaded.output_rms == 0.5
+    torch.testing.assert_close(loaded(grid), tokens, rtol=0, atol=0)
+
+
 def test_save_and_load_round_trip(tmp_path):
     torch.manual_seed(0)
     connector = Connector(hidden_size=16, vit_width=4)

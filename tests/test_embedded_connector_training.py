@@ -97,3 +97,26 @@ def test_evaluate_counts_caption_tokens(tokenizer):
     expected = sum(len(tokenizer(c, add_special_tokens=False)["input_ids"]) + 1 for c in captions)
     assert result["tokens"] == expected
     assert 0.0 <= result["token_accuracy"] <= 1.0 and result["loss"] > 0
+
+
+def test_output_scale_ties_visual_tokens_to_the_embeddings_and_guards_resume(tokenizer, tmp_path):
+    from davsp_lib.models.embedded.channel import embedding_rms
+
+    lm = tiny_lm(len(tokenizer))
+    grids, captions = data()
+    config = ct.ConnectorConfig(steps=2, batch_size=2, lr=1e-2, seed=0, checkpoint_every=1,
+                                output_scale="embeddings")  # fmt: skip
+    connector, _ = ct.train_connector(lm, tokenizer, grids, captions, tmp_path, config,
+                                      log=lambda _: None)  # fmt: skip
+    target = embedding_rms(lm)
+    assert connector.output_rms == target
+    tokens = connector(grids)
+    torch.testing.assert_close(
+        tokens.pow(2).mean(-1).sqrt(), torch.full(tokens.shape[:2], target), rtol=1e-5, atol=0
+    )
+    unscaled = ct.ConnectorConfig(steps=3, batch_size=2, lr=1e-2, seed=0, checkpoint_every=1)
+    with pytest.raises(ValueError, match="checkpoint trained with"):
+        ct.train_connector(lm, tokenizer, grids, captions, tmp_path, unscaled, log=lambda _: None)
+    with pytest.raises(ValueError, match="output_scale must be"):
+        bad = ct.ConnectorConfig(output_scale="layer")
+        ct.train_connector(lm, tokenizer, grids, captions, tmp_path / "x", bad, log=print)

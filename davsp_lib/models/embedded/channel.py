@@ -38,13 +38,25 @@ DEFAULT_CONNECTOR = DATA_DIR / "connector_tiny.safetensors"
 
 
 class Connector(nn.Module):
-    """2 x 2 patch merge + ``Linear -> GELU -> Linear`` into the language model's embeddings."""
+    """2 x 2 patch merge + ``Linear -> GELU -> Linear`` into the language model's embeddings.
 
-    def __init__(self, hidden_size: int, vit_width: int = VIT_WIDTH, merge: int = MERGE):
+    ``output_rms``: when set, every visual token is rescaled to that root-mean-square (the
+    language model's own input embeddings' RMS, :func:`embedding_rms`), so visual tokens live
+    on the text tokens' scale; ``None`` (the files trained so far) leaves the MLP's output as is.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        vit_width: int = VIT_WIDTH,
+        merge: int = MERGE,
+        output_rms: float | None = None,
+    ):
         super().__init__()
         self.merge = merge
         self.vit_width = vit_width
         self.hidden_size = hidden_size
+        self.output_rms = output_rms
         self.fc1 = nn.Linear(vit_width * merge * merge, hidden_size)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_size, hidden_size)
@@ -57,7 +69,17 @@ class Connector(nn.Module):
             raise ValueError(f"patch grid {height}x{width} is not a multiple of the merge {m}")
         merged = grid.reshape(batch, height // m, m, width // m, m, channels)
         merged = merged.permute(0, 1, 3, 2, 4, 5).reshape(batch, -1, m * m * channels)
-        return self.fc2(self.act(self.fc1(merged)))
+        tokens = self.fc2(self.act(self.fc1(merged)))
+        if self.output_rms is None:
+            return tokens
+        rms = tokens.pow(2).mean(-1, keepdim=True).add(1e-12).sqrt()
+        return tokens * (self.output_rms / rms)
+
+
+def embedding_rms(lm) -> float:
+    """Root-mean-square of the language model's input embedding matrix (all entries, float32)."""
+    weight = lm.get_input_embeddings().weight.detach().float()
+    return float(weight.pow(2).mean().sqrt())
 
 
 def save_connector(connector: Connector, path: str | Path, record: dict[str, Any]) -> Path:
@@ -74,6 +96,7 @@ def save_connector(connector: Connector, path: str | Path, record: dict[str, Any
         "hidden_size": connector.hidden_size,
         "vit_width": connector.vit_width,
         "merge": connector.merge,
+        "output_rms": connector.output_rms,
         **record,
     }
     atomic_write_json(path.with_suffix(".json"), meta)
@@ -96,7 +119,9 @@ def load_connector(path: str | Path, hidden_size: int | None = None) -> tuple[Co
             f"{path}: connector maps into {meta['hidden_size']} dimensions, "
             f"the language model has {hidden_size}"
         )
-    connector = Connector(meta["hidden_size"], meta["vit_width"], meta["merge"])
+    connector = Connector(
+        meta["hidden_size"], meta["vit_width"], meta["merge"], meta.get("output_rms")
+    )
     connector.load_state_dict(load_file(str(path)))
     return connector.eval().requires_grad_(False), meta
 

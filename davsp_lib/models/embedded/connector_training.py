@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from davsp_lib.models.embedded.channel import Connector
+from davsp_lib.models.embedded.channel import Connector, embedding_rms
 from davsp_lib.models.embedded.model import IMAGE_PLACEHOLDER, SLOT_TOKEN
 from davsp_lib.runtime.io import atomic_write_bytes, atomic_write_json
 
@@ -40,6 +40,7 @@ class ConnectorConfig:
     lr: float = 1e-3
     seed: int = 0
     checkpoint_every: int = 5
+    output_scale: str = "none"  # "none" | "embeddings": visual tokens at the text embeddings' RMS
 
 
 def caption_ids(tokenizer, caption: str, num_tokens: int) -> tuple[list[int], int, int]:
@@ -96,7 +97,14 @@ def batch_plan(n_train: int, steps: int, batch_size: int, seed: int) -> list[lis
     return [order[s * batch_size : (s + 1) * batch_size] for s in range(steps)]
 
 
-def _save(path: Path, connector: Connector, optimizer, step: int, history: list) -> None:
+def _resume_key(config: ConnectorConfig) -> str:
+    """What a checkpoint must have been trained with to be resumed (``steps`` may grow)."""
+    return json.dumps({k: v for k, v in asdict(config).items() if k != "steps"}, sort_keys=True)
+
+
+def _save(
+    path: Path, connector: Connector, optimizer, step: int, history: list, resume_key: str
+) -> None:
     from safetensors.torch import save
 
     tensors = {f"connector.{k}": v.detach().clone() for k, v in connector.state_dict().items()}
@@ -106,15 +114,20 @@ def _save(path: Path, connector: Connector, optimizer, step: int, history: list)
         for key in ("exp_avg", "exp_avg_sq", "step"):
             if key in state:
                 tensors[f"adam.{name}.{key}"] = torch.as_tensor(state[key]).detach().clone()
-    meta = {"step": str(step), "history": json.dumps(history)}
+    meta = {"step": str(step), "history": json.dumps(history), "config": resume_key}
     atomic_write_bytes(path, save(tensors, metadata=meta))
 
 
-def _load(path: Path, connector: Connector, optimizer) -> tuple[int, list]:
+def _load(path: Path, connector: Connector, optimizer, key: str) -> tuple[int, list]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
+        if meta.get("config", key) != key:
+            raise ValueError(
+                f"{path}: checkpoint trained with {meta['config']}, this run asks for {key}; "
+                "use another --work folder (or delete the checkpoint to start over)"
+            )
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     connector.load_state_dict(
         {k.removeprefix("connector."): v for k, v in tensors.items() if k.startswith("connector.")}
@@ -154,14 +167,21 @@ def train_connector(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    connector = Connector(int(lm.config.hidden_size), vit_width=grids.shape[-1])
+    if config.output_scale not in ("none", "embeddings"):
+        raise ValueError(
+            f"output_scale must be 'none' or 'embeddings', not {config.output_scale!r}"
+        )
+    output_rms = embedding_rms(lm) if config.output_scale == "embeddings" else None
+    connector = Connector(
+        int(lm.config.hidden_size), vit_width=grids.shape[-1], output_rms=output_rms
+    )
     lm.requires_grad_(False)
     optimizer = torch.optim.Adam(connector.parameters(), lr=config.lr)
     plan = batch_plan(len(captions), config.steps, config.batch_size, config.seed)
     path = folder / CHECKPOINT
     start, history = 0, []
     if path.is_file():
-        start, history = _load(path, connector, optimizer)
+        start, history = _load(path, connector, optimizer, _resume_key(config))
         log(f"resumed from step {start} of {config.steps}")
     began = time.perf_counter()
     for step in range(start, config.steps):
@@ -185,7 +205,7 @@ def train_connector(
             f"({time.perf_counter() - began:.0f} s)"
         )
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
-            _save(path, connector, optimizer, step + 1, history)
+            _save(path, connector, optimizer, step + 1, history, _resume_key(config))
     record = {
         "config": asdict(config),
         "history": history,
