@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from davsp_lib.models.embedded.channel import Connector, embedding_rms
 from davsp_lib.models.embedded.model import IMAGE_PLACEHOLDER, SLOT_TOKEN
+from davsp_lib.runtime.errors import DataError
 from davsp_lib.runtime.io import atomic_write_bytes, atomic_write_json
 
 PROMPT = "Describe the image."
@@ -124,9 +125,10 @@ def _load(path: Path, connector: Connector, optimizer, key: str) -> tuple[int, l
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         if meta.get("config", key) != key:
-            raise ValueError(
-                f"{path}: checkpoint trained with {meta['config']}, this run asks for {key}; "
-                "use another --work folder (or delete the checkpoint to start over)"
+            raise DataError(
+                path,
+                f"checkpoint trained with {meta['config']}, this run asks for {key}; "
+                "use another --work folder (or delete the checkpoint to start over)",
             )
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     connector.load_state_dict(
